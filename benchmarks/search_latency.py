@@ -1,0 +1,96 @@
+"""Search latency of the embedded store at 10k and 100k chunks (synthetic unit vectors).
+
+    python benchmarks/search_latency.py [--sizes 10000 100000] [--queries 200]
+
+Prints p50/p99 in milliseconds for plain top-10 search and for a search
+with a metadata filter, through the store's public `search` call (SQLite
+row fetch included). The query embedding is timed apart, once, on the
+real model, since it is the same at any index size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ragline.config import EmbedderSettings
+from ragline.store.base import DocumentRecord
+from ragline.store.local import LocalStore
+from ragline.types import Chunk
+
+DIM = 384
+DOC_SIZE = 50
+
+
+def fill(store: LocalStore, n: int, rng: np.random.Generator) -> None:
+    for start in range(0, n, DOC_SIZE):
+        doc_id = f"doc{start // DOC_SIZE}"
+        vectors = rng.standard_normal((DOC_SIZE, DIM)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        chunks = [
+            Chunk(f"{doc_id}-{i}", doc_id, f"passage {start + i}", {"format": "html" if i % 10 else "pdf", "chunk_index": i})
+            for i in range(DOC_SIZE)
+        ]
+        record = DocumentRecord(doc_id, f"/{doc_id}", "/", 1, 1, "x", "fp")
+        store.upsert_document(record, chunks, vectors)
+    store.persist()
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(samples, 50)), 2), "p99_ms": round(float(np.percentile(samples, 99)), 2)}
+
+
+def time_searches(store: LocalStore, queries: np.ndarray, filters=None) -> list[float]:
+    samples = []
+    for query in queries:
+        started = time.perf_counter()
+        store.search(query, 10, filters)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((args.queries, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    results = {}
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = LocalStore(Path(tmp))
+            fill(store, size, rng)
+            reopened = LocalStore(Path(tmp))
+            started = time.perf_counter()
+            reopened.search(queries[0], 10)
+            open_ms = (time.perf_counter() - started) * 1000
+            results[size] = {
+                "first_search_after_open_ms": round(open_ms, 1),
+                "search": percentiles(time_searches(reopened, queries)),
+                "search_with_filter": percentiles(time_searches(reopened, queries, {"format": "pdf"})),
+            }
+            store.close()
+            reopened.close()
+
+    from ragline.embed.sentence_transformer import SentenceTransformerEmbedder
+
+    embedder = SentenceTransformerEmbedder(EmbedderSettings())
+    embedder.embed_queries(["warm-up"])
+    samples = []
+    for _ in range(50):
+        started = time.perf_counter()
+        embedder.embed_queries(["how do I pretty-print JSON with indentation?"])
+        samples.append((time.perf_counter() - started) * 1000)
+    results["query_embedding"] = percentiles(samples)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

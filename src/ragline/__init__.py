@@ -1,0 +1,3 @@
+"""Ragline: retrieval-augmented generation from a laptop to a Ray cluster."""
+
+__version__ = "0.1.0"

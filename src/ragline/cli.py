@@ -1,0 +1,249 @@
+"""The `ragline` command line: ingest, search, status, serve, config show."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ragline.app import Ragline
+from ragline.config import ConfigError, Settings, SourceSettings, load_settings
+from ragline.embed.base import EmbedderError
+from ragline.pipeline import IngestError, IngestReport
+from ragline.registry import UnknownComponentError
+from ragline.retrieve.dense import Retrieval, RetrievalError
+from ragline.store.base import StoreError
+
+EXIT_RUN_FAILED = 1
+EXIT_FILES_FAILED = 3
+KNOWN_ERRORS = (ConfigError, IngestError, EmbedderError, StoreError, RetrievalError, UnknownComponentError, ValueError)
+
+cli = typer.Typer(
+    help="Ragline: index documents, search them with citations, serve them.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+config_cli = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+cli.add_typer(config_cli, name="config")
+out = Console()
+err = Console(stderr=True)
+
+
+class State:
+    config_file: Path | None = None
+
+    @classmethod
+    def settings(cls) -> Settings:
+        return load_settings(cls.config_file)
+
+
+@cli.callback()
+def main_options(
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", envvar="RAGLINE_CONFIG", help="YAML config file (default: ./ragline.yaml)"),
+    ] = None,
+) -> None:
+    State.config_file = config
+
+
+class BarProgress:
+    """Draws the indexer's progress on stderr, so JSON on stdout stays clean."""
+
+    def __init__(self) -> None:
+        self._bar = Progress(
+            TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[path]}", style="dim"), console=err, transient=True,
+        )
+        self._task = None
+
+    def start(self, total_files: int) -> None:
+        self._bar.start()
+        self._task = self._bar.add_task("ingest", total=total_files, path="")
+
+    def advance(self, path: str) -> None:
+        self._bar.update(self._task, advance=1, path=Path(path).name[-40:])
+
+    def stop(self) -> None:
+        self._bar.stop()
+
+
+def _print_report(report: IngestReport) -> None:
+    table = Table(title="ingest summary", show_header=False)
+    for label, value in [
+        ("new files", len(report.new)),
+        ("changed files", len(report.changed)),
+        ("unchanged files", report.unchanged),
+        ("deleted files", len(report.deleted)),
+        ("failed files", len(report.failed)),
+        ("unsupported files (skipped)", report.unsupported),
+        ("chunks written", report.chunks),
+        ("seconds", f"{report.seconds:.1f}"),
+    ]:
+        table.add_row(label, str(value))
+    out.print(table)
+    for path, reason in report.failed:
+        out.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}")
+
+
+@cli.command()
+def ingest(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="folders or files (default: ingest.sources)")] = None,
+    url_template: Annotated[
+        Optional[str], typer.Option(help="public URL of each file, e.g. https://docs.example.org/{path}.html")
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="drop the index and rebuild it")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit non-zero when any file failed")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Index folders incrementally: new and changed files are (re)indexed, deleted ones removed."""
+    settings = State.settings()
+    sources = [SourceSettings(path=p, url_template=url_template) for p in paths or []] or settings.ingest.sources
+    if not sources:
+        raise ConfigError("nothing to ingest: give PATH arguments or set ingest.sources in the config")
+    app = Ragline(settings)
+    progress = BarProgress()
+    try:
+        report = app.indexer(progress).run(sources, full=full)
+    finally:
+        progress.stop()
+        app.close()
+    if json_output:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        _print_report(report)
+    if strict and report.failed:
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _print_hits(result: Retrieval) -> None:
+    if not result.hits:
+        out.print("[yellow]no passages found[/yellow] (is the index empty? run `ragline ingest`)")
+    for rank, hit in enumerate(result.hits, 1):
+        meta = hit.chunk.metadata
+        out.rule(f"[bold]{rank}. {escape(meta.get('title', ''))}[/bold]  score {hit.score:.3f}")
+        out.print(f"[cyan]{escape(hit.chunk.citation_url)}[/cyan]")
+        out.print(escape(hit.chunk.text))
+
+
+def _as_json(result: Retrieval) -> str:
+    return json.dumps({"query": result.query, "hits": [hit.to_dict() for hit in result.hits], "timings": result.timings})
+
+
+@cli.command()
+def search(
+    query: Annotated[Optional[str], typer.Argument(help="the question")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="how many passages")] = 5,
+    queries: Annotated[
+        Optional[Path], typer.Option(help="file with one query per line; prints one JSON line per query")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    filters: Annotated[
+        Optional[list[str]], typer.Option("--filter", help="metadata filter field=value (repeatable)")
+    ] = None,
+) -> None:
+    """Find the passages that answer a question, each cited by its section URL."""
+    if (query is None) == (queries is None):
+        raise typer.BadParameter("give either a QUERY or --queries FILE")
+    if queries is not None and not queries.is_file():
+        raise typer.BadParameter(f"{queries} is not a file", param_hint="--queries")
+    texts = [query] if query is not None else [
+        line.strip() for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    parsed_filters = {}
+    for item in filters or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r} is not field=value", param_hint="--filter")
+        parsed_filters[name] = value
+    app = Ragline(State.settings())
+    try:
+        results = app.retriever.search_many(texts, k, parsed_filters or None)
+    finally:
+        app.close()
+    for result in results:
+        if json_output or queries is not None:
+            print(_as_json(result))
+        else:
+            _print_hits(result)
+
+
+@cli.command()
+def status(json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """What is indexed: documents, chunks, the last ingest, the store and models."""
+    settings = State.settings()
+    app = Ragline(settings)
+    try:
+        records = app.store.documents()
+        last = app.store.get_meta("last_ingest")
+        info = {
+            "data_dir": str(settings.data_dir.resolve()),
+            "store": settings.store.backend,
+            "embedder": f"{settings.embedder.backend}:{settings.embedder.model}",
+            "index_built_with": app.store.get_meta("embedder"),
+            "documents": sum(r.status == "indexed" for r in records),
+            "failed_documents": sum(r.status == "failed" for r in records),
+            "chunks": app.store.count(),
+            "last_ingest": json.loads(last) if last else None,
+        }
+    finally:
+        app.close()
+    if json_output:
+        print(json.dumps(info))
+        return
+    table = Table(show_header=False, title="ragline status")
+    for key, value in info.items():
+        if key == "last_ingest" and value:
+            value = (
+                f"{value['at']}: {len(value['new'])} new, {len(value['changed'])} changed, "
+                f"{len(value['deleted'])} deleted, {len(value['failed'])} failed, {value['seconds']:.1f}s"
+            )
+        table.add_row(key, escape(str(value)))
+    out.print(table)
+
+
+@cli.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="bind address (default: serve.host)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default: serve.port)")] = None,
+) -> None:
+    """Serve the HTTP API (POST /v1/search, GET /healthz)."""
+    try:
+        import uvicorn
+
+        from ragline.serve.api import create_app
+    except ImportError as exc:
+        raise ConfigError("the API needs the serve extra: pip install 'ragline[serve]'") from exc
+    settings = State.settings()
+    uvicorn.run(create_app(settings), host=host or settings.serve.host, port=port or settings.serve.port)
+
+
+@config_cli.command("show")
+def config_show() -> None:
+    """Print the effective configuration (defaults, file and environment merged) as YAML."""
+    settings = State.settings()
+    print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; known errors become one red line, not a traceback."""
+    try:
+        cli(args=argv)  # standalone mode: usage errors and typer.Exit end in SystemExit
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except KNOWN_ERRORS as exc:
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+        return EXIT_RUN_FAILED
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

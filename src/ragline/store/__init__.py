@@ -1,0 +1,1 @@
+"""Store stage: chunks, their vectors and the ingest manifest, kept consistent together."""

@@ -1,0 +1,104 @@
+"""The core records that flow through the pipeline: loaders → chunker → embedder → store → retriever."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def heading_prefix(heading_path: tuple[str, ...] | list[str]) -> str:
+    """The line a chunk's embedded text starts with, e.g. `Ray Data > Transforming data`."""
+    return f"{' > '.join(heading_path)}\n\n" if heading_path else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One addressable part of a source file: an HTML section, a Markdown heading, a PDF page."""
+
+    text: str
+    title: str
+    anchor: str
+    heading_path: tuple[str, ...]
+    page: int | None = None
+
+
+@dataclass(slots=True)
+class Document:
+    """A loaded source file, split into sections, with the identity the index keys it by."""
+
+    doc_id: str
+    source: str
+    url: str
+    format: str
+    title: str
+    sections: list[Section] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of one section, small enough for the embedding model.
+
+    `metadata` carries source, url, anchor, title, heading_path, page, format,
+    chunk_index, content_hash and ingested_at.
+    """
+
+    chunk_id: str
+    doc_id: str
+    text: str
+    metadata: dict[str, Any]
+
+    @property
+    def embed_text(self) -> str:
+        """What the embedder sees: the heading path first, so a passage carries its context."""
+        return heading_prefix(self.metadata.get("heading_path") or ()) + self.text
+
+    @property
+    def citation_url(self) -> str:
+        url = self.metadata.get("url", "")
+        anchor = self.metadata.get("anchor", "")
+        return f"{url}#{anchor}" if anchor else url
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A chunk returned by a search, with its similarity score."""
+
+    chunk: Chunk
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        meta = self.chunk.metadata
+        return {
+            "score": round(self.score, 6),
+            "text": self.chunk.text,
+            "title": meta.get("title", ""),
+            "url": self.chunk.citation_url,
+            "source": meta.get("source", ""),
+            "heading_path": list(meta.get("heading_path") or ()),
+            "page": meta.get("page"),
+            "chunk_id": self.chunk.chunk_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """A numbered reference in an answer, resolved to the section it came from."""
+
+    n: int
+    url: str
+    title: str
+    source: str
+
+
+@dataclass(slots=True)
+class Answer:
+    """A generated (or extracted) answer with the evidence behind it."""
+
+    text: str
+    citations: list[Citation]
+    hits: list[Hit]
+    model: str
+    grounded: bool
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    note: str = ""

@@ -1,0 +1,153 @@
+"""The answerer end to end against a real scripted OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from scripted_llm_server import Reply, ScriptedLLMServer, Stream, completion, free_port, make_hit
+
+from ragline.generate.answerer import Answerer
+from ragline.generate.openai_compat import OpenAICompatLLM
+from ragline.generate.prompt import NO_ANSWER
+from ragline.generate.router import Router
+from ragline.generate.settings import GenerateSettings, LLMSettings
+from ragline.types import Answer
+
+QUESTION = "Which port does the server listen on?"
+HITS = [
+    make_hit(1, "The server listens on port 8000 by default.", title="Serving"),
+    make_hit(2, "Set RAGLINE_SERVE__PORT to change the port.", title="Configuration"),
+    make_hit(3, "Chunks overlap by 32 tokens.", title="Chunking"),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ScriptedLLMServer() as running:
+        yield running
+
+
+def llm(url: str, name: str = "strong-model", **overrides) -> OpenAICompatLLM:
+    options = {"backoff_initial_s": 0.05, "read_timeout_s": 2.0, "max_tries": 2} | overrides
+    return OpenAICompatLLM(name, base_url=url, **options)
+
+
+def test_streamed_answer_yields_pieces_then_a_grounded_answer(server):
+    pieces = ["The server", " listens on port 8000 [1];", " change it with RAGLINE_SERVE__PORT [2]."]
+    server.script(Stream(pieces, usage={"prompt_tokens": 120, "completion_tokens": 20}))
+    events = list(Answerer(llm(server.url)).stream(QUESTION, HITS))
+
+    assert events[:-1] == pieces
+    answer = events[-1]
+    assert isinstance(answer, Answer)
+    assert answer.text == "".join(pieces)
+    assert answer.grounded and [c.n for c in answer.citations] == [1, 2]
+    assert answer.citations[0].url == "https://docs.example.org/page1.html#section-1"
+    assert answer.model == "strong-model" and answer.hits == HITS and answer.note == ""
+    assert answer.usage == {"prompt_tokens": 120, "completion_tokens": 20, "total_tokens": 140}
+    assert 0 < answer.timings["ttft_s"] <= answer.timings["generate_s"]
+
+    user = server.received[0].body["messages"][1]["content"]
+    assert "[1] Serving — https://docs.example.org/page1.html#section-1\nThe server listens" in user
+    assert user.endswith(f"Question: {QUESTION}")
+
+
+def test_an_answer_citing_a_passage_it_was_not_shown_is_not_grounded(server):
+    server.script(Stream(["Port 8000 [9]."]))
+    answer = Answerer(llm(server.url)).answer(QUESTION, HITS)
+    assert answer.text == "Port 8000 [9]." and not answer.grounded and answer.citations == []
+
+
+def test_only_the_passages_that_fit_are_sent_and_returned(server):
+    server.script(Stream(["Port 8000 [1]."]))
+    small = llm(server.url, context_window=1000)
+    long_hits = [make_hit(n, f"Passage {n} says a lot about ports. " * 25) for n in (1, 2, 3)]
+    answer = Answerer(small).answer(QUESTION, long_hits)
+    user = server.received[0].body["messages"][1]["content"]
+    assert "[1] Page 1" in user and "[2] Page 2" not in user
+    assert answer.hits == long_hits[:1]
+    assert server.received[0].body["max_tokens"] <= 1000 - small.count_tokens(user)
+
+
+def test_falls_back_to_extraction_promptly_when_the_server_is_down():
+    down = llm(f"http://127.0.0.1:{free_port()}/v1", max_tries=3)
+    started = time.monotonic()
+    events = list(Answerer(down).stream(QUESTION, HITS))
+    assert time.monotonic() - started < 2.0
+
+    (answer,) = events
+    assert answer.model == "extractive"
+    assert answer.text.startswith("The server listens on port 8000 by default. [1]")
+    assert answer.grounded
+    assert answer.note.startswith("the LLM strong-model failed, so this answer was extracted from the documents:")
+    assert "failed after 3 tries: cannot connect" in answer.note
+
+
+def test_a_stream_breaking_midway_ends_in_the_extractive_answer(server):
+    server.script(Stream(["The server", " listens", " on"], break_after=2))
+    events = list(Answerer(llm(server.url)).stream(QUESTION, HITS))
+    assert events[:2] == ["The server", " listens"]
+    assert events[-1].model == "extractive" and "broke after 2 pieces" in events[-1].note
+    assert len(server.received) == 1
+
+
+def test_a_rejected_request_falls_back_without_retrying(server):
+    server.script(Reply(400, {"error": {"message": "context length exceeded"}}))
+    answer = Answerer(llm(server.url)).answer(QUESTION, HITS)
+    assert answer.model == "extractive" and "context length exceeded" in answer.note
+    assert len(server.received) == 1
+
+
+def test_without_hits_the_model_is_not_asked(server):
+    server.script()
+    answer = Answerer(llm(server.url)).answer(QUESTION, [])
+    assert (answer.text, answer.grounded, answer.note) == (NO_ANSWER, False, "no passages were retrieved")
+    assert server.received == []
+
+
+def test_without_a_model_the_answer_is_extracted():
+    answer = Answerer(None).answer(QUESTION, HITS)
+    assert answer.model == "extractive" and answer.grounded and answer.note == ""
+    assert "generate_s" in answer.timings
+
+
+def test_async_answers_match_sync_ones(server):
+    async def scenario():
+        server.script(Stream(["Port", " 8000 [1]."]))
+        events = [event async for event in Answerer(llm(server.url)).astream(QUESTION, HITS)]
+        assert events[:2] == ["Port", " 8000 [1]."] and events[-1].grounded
+
+        server.script(Reply(200, completion("unused")))
+        down = llm(f"http://127.0.0.1:{free_port()}/v1")
+        answer = await Answerer(down).aanswer(QUESTION, HITS)
+        assert answer.model == "extractive" and "cannot connect" in answer.note
+
+    asyncio.run(scenario())
+
+
+def test_the_router_sends_lookups_to_the_cheap_model(server):
+    answerer = Answerer(
+        llm(server.url, "strong-model"), cheap_llm=llm(server.url, "cheap-model"), router=Router.train()
+    )
+    server.script(Stream(["Port 8000 [1]."]), Stream(["Because [1][2]."]))
+    cheap = answerer.answer("What is the default port?", HITS)
+    strong = answerer.answer("Explain step by step how to run two servers on different ports and compare them.", HITS)
+    assert (cheap.model, strong.model) == ("cheap-model", "strong-model")
+    assert [r.body["model"] for r in server.received] == ["cheap-model", "strong-model"]
+
+
+def test_router_and_cheap_model_go_together(server):
+    with pytest.raises(ValueError, match="give both or neither"):
+        Answerer(llm(server.url), cheap_llm=llm(server.url))
+    with pytest.raises(ValueError, match="router.enabled needs cheap_llm"):
+        GenerateSettings(router={"enabled": True})
+
+
+def test_settings_without_a_model_build_an_extractive_answerer(tmp_path: Path):
+    settings = GenerateSettings(llm=LLMSettings(backend="extractive"), max_answer_tokens=200)
+    answerer = Answerer.from_settings(settings, tmp_path)
+    assert answerer.llm is None and answerer.max_answer_tokens == 200
+    assert answerer.answer(QUESTION, HITS).model == "extractive"

