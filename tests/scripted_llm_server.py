@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 from ragline.types import Chunk, Hit
 
@@ -69,7 +69,10 @@ def free_port() -> int:
 
 
 class ScriptedLLMServer:
-    def __init__(self) -> None:
+    """`fallback`, if given, answers every request once the script is used up."""
+
+    def __init__(self, fallback: Callable[[dict[str, Any]], Reply] | None = None) -> None:
+        self._fallback = fallback
         self.received: list[Received] = []
         self._script: list[Reply | Stream] = []
         self._lock = threading.Lock()
@@ -100,6 +103,8 @@ class ScriptedLLMServer:
             self.received.append(Received(time.monotonic(), body, headers))
             if self._script:
                 return self._script.pop(0)
+        if self._fallback is not None:
+            return self._fallback(body)
         return Reply(500, {"error": {"message": "the test script has no more replies"}})
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:

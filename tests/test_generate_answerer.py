@@ -13,7 +13,7 @@ from ragline.generate.answerer import Answerer
 from ragline.generate.openai_compat import OpenAICompatLLM
 from ragline.generate.prompt import NO_ANSWER
 from ragline.generate.router import Router
-from ragline.generate.settings import GenerateSettings, LLMSettings
+from ragline.config import GenerateSettings, LLMSettings
 from ragline.types import Answer
 
 QUESTION = "Which port does the server listen on?"
@@ -48,7 +48,7 @@ def test_streamed_answer_yields_pieces_then_a_grounded_answer(server):
     assert answer.citations[0].url == "https://docs.example.org/page1.html#section-1"
     assert answer.model == "strong-model" and answer.hits == HITS and answer.note == ""
     assert answer.usage == {"prompt_tokens": 120, "completion_tokens": 20, "total_tokens": 140}
-    assert 0 < answer.timings["ttft_s"] <= answer.timings["generate_s"]
+    assert 0 < answer.timings["ttft_ms"] <= answer.timings["generate_ms"]
 
     user = server.received[0].body["messages"][1]["content"]
     assert "[1] Serving — https://docs.example.org/page1.html#section-1\nThe server listens" in user
@@ -111,7 +111,7 @@ def test_without_hits_the_model_is_not_asked(server):
 def test_without_a_model_the_answer_is_extracted():
     answer = Answerer(None).answer(QUESTION, HITS)
     assert answer.model == "extractive" and answer.grounded and answer.note == ""
-    assert "generate_s" in answer.timings
+    assert "generate_ms" in answer.timings
 
 
 def test_async_answers_match_sync_ones(server):

@@ -145,7 +145,7 @@ def test_a_local_model_answers_through_the_answerer(smollm2: LlamaCppLLM):
     hits = [make_hit(1, "The server listens on port 8000 by default.")]
     answer = Answerer(smollm2, max_answer_tokens=16, temperature=0.0).answer("Which port?", hits)
     assert answer.model == SMOLLM2 and answer.text and answer.note == ""
-    assert answer.usage["completion_tokens"] > 0 and answer.timings["ttft_s"] > 0
+    assert answer.usage["completion_tokens"] > 0 and answer.timings["ttft_ms"] > 0
 
 
 def test_a_prompt_beyond_the_context_window_is_an_llm_error(smollm2: LlamaCppLLM):

@@ -7,15 +7,24 @@ first use: `ragline status` never loads the embedding model.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from functools import cached_property
+from typing import Any
+
+from anyio import to_thread
 
 from ragline import registry
 from ragline.config import Settings
 from ragline.embed.base import Embedder
+from ragline.generate.answerer import Answerer, AnswerEvent
 from ragline.ingest.chunker import Chunker
 from ragline.pipeline import Indexer, Progress
-from ragline.retrieve.dense import DenseRetriever
-from ragline.store.base import VectorStore
+from ragline.retrieve.dense import DenseRetriever, Retrieval
+from ragline.store.base import Filters, VectorStore
+from ragline.types import Answer
+
+QueryEvent = dict[str, Any]
+"""`{"type": "status", "stage": ...}`, `{"type": "token", "text": ...}`, then `{"type": "answer", ...}`."""
 
 
 class Ragline:
@@ -46,9 +55,36 @@ class Ragline:
     def retriever(self) -> DenseRetriever:
         return DenseRetriever(self.embedder, self.store, self.settings.retrieve.top_k)
 
+    @cached_property
+    def answerer(self) -> Answerer:
+        return Answerer.from_settings(self.settings.generate, self.settings.data_dir)
+
     def indexer(self, progress: Progress | None = None) -> Indexer:
         return Indexer(self.settings.ingest, self.chunker, self.embedder, self.store, progress)
+
+    def ask(self, question: str, k: int | None = None, filters: Filters | None = None) -> Iterator[QueryEvent]:
+        """Answer a question from the index: stage status, answer tokens, then the cited answer."""
+        yield {"type": "status", "stage": "retrieve"}
+        retrieval = self.retriever.search(question, k, filters)
+        yield {"type": "status", "stage": "generate", "hits": len(retrieval.hits)}
+        for event in self.answerer.stream(question, retrieval.hits):
+            yield _query_event(event, retrieval)
+
+    async def aask(self, question: str, k: int | None = None, filters: Filters | None = None) -> AsyncIterator[QueryEvent]:
+        """`ask` for the event loop: retrieval runs in a worker thread, generation streams asynchronously."""
+        yield {"type": "status", "stage": "retrieve"}
+        retrieval = await to_thread.run_sync(self.retriever.search, question, k, filters)
+        yield {"type": "status", "stage": "generate", "hits": len(retrieval.hits)}
+        async for event in self.answerer.astream(question, retrieval.hits):
+            yield _query_event(event, retrieval)
 
     def close(self) -> None:
         if "store" in self.__dict__:
             self.store.close()
+
+
+def _query_event(event: AnswerEvent, retrieval: Retrieval) -> QueryEvent:
+    if isinstance(event, Answer):
+        event.timings = {**retrieval.timings, **event.timings}
+        return {"type": "answer", **event.to_dict()}
+    return {"type": "token", "text": event}

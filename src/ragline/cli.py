@@ -17,6 +17,7 @@ from rich.table import Table
 from ragline.app import Ragline
 from ragline.config import ConfigError, Settings, SourceSettings, load_settings
 from ragline.embed.base import EmbedderError
+from ragline.generate.base import LLMError
 from ragline.pipeline import IngestError, IngestReport
 from ragline.registry import UnknownComponentError
 from ragline.retrieve.dense import Retrieval, RetrievalError
@@ -24,7 +25,9 @@ from ragline.store.base import StoreError
 
 EXIT_RUN_FAILED = 1
 EXIT_FILES_FAILED = 3
-KNOWN_ERRORS = (ConfigError, IngestError, EmbedderError, StoreError, RetrievalError, UnknownComponentError, ValueError)
+KNOWN_ERRORS = (
+    ConfigError, IngestError, EmbedderError, StoreError, RetrievalError, UnknownComponentError, LLMError, ValueError,
+)
 
 cli = typer.Typer(
     help="Ragline: index documents, search them with citations, serve them.",
@@ -33,6 +36,10 @@ cli = typer.Typer(
 )
 config_cli = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 cli.add_typer(config_cli, name="config")
+router_cli = typer.Typer(help="The cheap/strong model router.", no_args_is_help=True)
+cli.add_typer(router_cli, name="router")
+llm_cli = typer.Typer(help="The configured LLM.", no_args_is_help=True)
+cli.add_typer(llm_cli, name="llm")
 out = Console()
 err = Console(stderr=True)
 
@@ -124,6 +131,19 @@ def ingest(
         raise typer.Exit(EXIT_FILES_FAILED)
 
 
+FILTER_OPTION = typer.Option("--filter", help="metadata filter field=value (repeatable)")
+
+
+def _parse_filters(items: list[str] | None) -> dict[str, str] | None:
+    parsed = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r} is not field=value", param_hint="--filter")
+        parsed[name] = value
+    return parsed or None
+
+
 def _print_hits(result: Retrieval) -> None:
     if not result.hits:
         out.print("[yellow]no passages found[/yellow] (is the index empty? run `ragline ingest`)")
@@ -146,9 +166,7 @@ def search(
         Optional[Path], typer.Option(help="file with one query per line; prints one JSON line per query")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    filters: Annotated[
-        Optional[list[str]], typer.Option("--filter", help="metadata filter field=value (repeatable)")
-    ] = None,
+    filters: Annotated[Optional[list[str]], FILTER_OPTION] = None,
 ) -> None:
     """Find the passages that answer a question, each cited by its section URL."""
     if (query is None) == (queries is None):
@@ -158,15 +176,9 @@ def search(
     texts = [query] if query is not None else [
         line.strip() for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
-    parsed_filters = {}
-    for item in filters or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{item!r} is not field=value", param_hint="--filter")
-        parsed_filters[name] = value
     app = Ragline(State.settings())
     try:
-        results = app.retriever.search_many(texts, k, parsed_filters or None)
+        results = app.retriever.search_many(texts, k, _parse_filters(filters))
     finally:
         app.close()
     for result in results:
@@ -174,6 +186,86 @@ def search(
             print(_as_json(result))
         else:
             _print_hits(result)
+
+
+@cli.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="the question")],
+    k: Annotated[Optional[int], typer.Option("-k", min=1, max=100, help="passages to answer from")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="print the answer when it is complete")] = False,
+    filters: Annotated[Optional[list[str]], FILTER_OPTION] = None,
+) -> None:
+    """Answer a question from the indexed documents, with [n] citations to their sections."""
+    app = Ragline(State.settings())
+    streamed = not (json_output or no_stream)
+    final: dict = {}
+    try:
+        for event in app.ask(question, k, _parse_filters(filters)):
+            if event["type"] == "token" and streamed:
+                out.print(event["text"], end="", markup=False, highlight=False, soft_wrap=True)
+            elif event["type"] == "status":
+                err.print(f"[dim]{event['stage']}…[/dim]")
+            elif event["type"] == "answer":
+                final = event
+    finally:
+        app.close()
+    if json_output:
+        print(json.dumps({key: value for key, value in final.items() if key != "type"}))
+        return
+    _print_answer(final, already_shown=streamed)
+
+
+def _print_answer(answer: dict, already_shown: bool) -> None:
+    if answer["note"]:
+        err.print(f"\n[yellow]note:[/yellow] {escape(answer['note'])}")
+        already_shown = False  # the final answer replaces what was streamed
+    if not already_shown:
+        out.print(answer["answer"], markup=False, highlight=False, soft_wrap=True)
+    out.print()
+    for citation in answer["citations"]:
+        out.print(f"[bold][{citation['n']}][/bold] {escape(citation['title'])} — [cyan]{escape(citation['url'])}[/cyan]")
+    if not answer["grounded"]:
+        err.print("[yellow]this answer cites no passage it was given: treat it with care[/yellow]")
+    usage, timings = answer["usage"], answer["timings"]
+    err.print(
+        f"[dim]{answer['model']} · {usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens · "
+        + " · ".join(f"{key} {value:.0f}" for key, value in timings.items())
+        + "[/dim]"
+    )
+
+
+@router_cli.command("train")
+def router_train(
+    examples: Annotated[Path, typer.Argument(help='JSONL of {"query": ..., "label": "cheap" | "strong"}')],
+    model_path: Annotated[Optional[Path], typer.Option(help="where to save (default: generate.router.model_path)")] = None,
+) -> None:
+    """Train the router that sends simple questions to the cheap model."""
+    from ragline.generate.router import Router, read_examples
+
+    settings = State.settings()
+    if not examples.is_file():
+        raise typer.BadParameter(f"{examples} is not a file", param_hint="EXAMPLES")
+    target = model_path or settings.generate.router.model_path or settings.data_dir / "models" / "router.joblib"
+    router = Router.train(examples)
+    router.save(target)
+    queries, labels = read_examples(examples)
+    accuracy = sum(router.choose(q) == label for q, label in zip(queries, labels)) / len(queries)
+    out.print(f"trained on {len(queries)} examples (training accuracy {accuracy:.0%}); saved to {target}")
+
+
+@llm_cli.command("serve")
+def llm_serve(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8001,
+) -> None:
+    """Serve the configured LLM as an OpenAI-compatible server (/v1/chat/completions)."""
+    import uvicorn
+
+    from ragline.serve.llm_server import create_llm_app
+
+    settings = State.settings()
+    uvicorn.run(create_llm_app(settings), host=host, port=port)
 
 
 @cli.command()
@@ -188,6 +280,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="print JSON"
             "data_dir": str(settings.data_dir.resolve()),
             "store": settings.store.backend,
             "embedder": f"{settings.embedder.backend}:{settings.embedder.model}",
+            "llm": f"{settings.generate.llm.backend}:{settings.generate.llm.model}",
             "index_built_with": app.store.get_meta("embedder"),
             "documents": sum(r.status == "indexed" for r in records),
             "failed_documents": sum(r.status == "failed" for r in records),
@@ -215,7 +308,7 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="bind address (default: serve.host)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default: serve.port)")] = None,
 ) -> None:
-    """Serve the HTTP API (POST /v1/search, GET /healthz)."""
+    """Serve the HTTP API (POST /v1/search, /v1/query, /v1/query/stream; GET /healthz)."""
     try:
         import uvicorn
 

@@ -1,60 +1,68 @@
 """Retry policy for calls to remote model servers: backoff with jitter, on transient failures only.
 
-Transient means HTTP 429, HTTP 5xx, timeouts and connection errors; any
-other 4xx is a mistake in the request and is raised at once. A server's
-`Retry-After` header (seconds) is honoured when it asks for longer than
-the backoff would wait.
+Transient means HTTP 429, HTTP 5xx, timeouts and dropped connections; any
+other 4xx is a mistake in the request and fails at once. A server's
+`Retry-After` header (seconds) is honoured, capped at the longest backoff.
+Clients raise `TransientError` for what is worth another try and hand
+`retry_policy(...)` to tenacity's `Retrying` or `AsyncRetrying`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, httpx.HTTPStatusError):
-        status = exc.response.status_code
-        return status == 429 or status >= 500
-    return isinstance(exc, (httpx.TimeoutException, httpx.TransportError))
+class TransientError(Exception):
+    """A failure another try may fix; `retry_after` is the server's wish, in seconds."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
-def _retry_after_seconds(exc: BaseException | None) -> float:
-    if isinstance(exc, httpx.HTTPStatusError):
-        value = exc.response.headers.get("retry-after", "")
-        try:
-            return max(float(value), 0.0)
-        except ValueError:
-            return 0.0
-    return 0.0
+def is_transient_status(status: int) -> bool:
+    return status == 429 or status >= 500
 
 
-class _BackoffOrRetryAfter:
-    def __init__(self, initial: float, maximum: float) -> None:
-        self._backoff = wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
-        self._maximum = maximum
-
-    def __call__(self, state: RetryCallState) -> float:
-        asked = _retry_after_seconds(state.outcome.exception() if state.outcome else None)
-        return max(self._backoff(state), min(asked, self._maximum))
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """Seconds from a `Retry-After` header; HTTP dates are left to the backoff."""
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
 
 
-def retry_policy(attempts: int, initial_wait: float = 0.5, max_wait: float = 20.0) -> dict:
-    """Keyword arguments for tenacity's `Retrying`/`AsyncRetrying`; the last error is re-raised."""
-    return {
-        "retry": retry_if_exception(is_transient),
-        "stop": stop_after_attempt(attempts),
-        "wait": _BackoffOrRetryAfter(initial_wait, max_wait),
-        "reraise": True,
-    }
+def error_detail(response: httpx.Response) -> str:
+    """The server's own error message (OpenAI style `{"error": {"message": ...}}`), else the body start."""
+    try:
+        error = response.json()["error"]
+        detail = error["message"] if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError):
+        detail = response.text
+    return " ".join(detail.split())[:300]
 
 
-def describe(exc: BaseException) -> str:
-    """One line for a user: the HTTP status and body start, or the transport error."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        body = exc.response.text[:200].strip()
-        return f"HTTP {exc.response.status_code} {exc.response.reason_phrase}: {body}"
-    return f"{type(exc).__name__}: {exc}"
+def check_response(response: httpx.Response) -> str | None:
+    """None for a 2xx; raises `TransientError` for 429/5xx; else returns the reason to report."""
+    if response.is_success:
+        return None
+    reason = f"HTTP {response.status_code} {response.reason_phrase}: {error_detail(response)}"
+    if is_transient_status(response.status_code):
+        raise TransientError(reason, retry_after_seconds(response))
+    return reason
 
 
-__all__ = ["Retrying", "describe", "is_transient", "retry_policy"]
+def retry_policy(attempts: int, initial_wait: float = 0.5, max_wait: float = 20.0) -> dict[str, Any]:
+    """Keyword arguments for tenacity; after the last try tenacity raises `RetryError`."""
+    backoff = wait_exponential_jitter(initial=initial_wait, max=max_wait, jitter=initial_wait)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TransientError) and exc.retry_after is not None:
+            return min(exc.retry_after, max_wait)
+        return backoff(state)
+
+    return {"stop": stop_after_attempt(attempts), "wait": wait, "retry": retry_if_exception_type(TransientError)}

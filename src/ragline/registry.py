@@ -20,6 +20,10 @@ BUILTIN: dict[str, dict[str, str]] = {
     "store": {
         "local": "ragline.store.local:LocalStore",
     },
+    "llm": {
+        "llama-cpp": "ragline.generate.local:LlamaCppLLM",
+        "openai": "ragline.generate.openai_compat:OpenAICompatLLM",
+    },
 }
 
 

@@ -102,3 +102,15 @@ class Answer:
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "answer": self.text,
+            "citations": [{"n": c.n, "url": c.url, "title": c.title, "source": c.source} for c in self.citations],
+            "hits": [hit.to_dict() for hit in self.hits],
+            "model": self.model,
+            "usage": self.usage,
+            "timings": {key: round(value, 1) for key, value in self.timings.items()},
+            "grounded": self.grounded,
+            "note": self.note,
+        }

@@ -10,7 +10,9 @@ import numpy as np
 from ragline.config import EmbedderSettings
 from ragline.embed.base import EmbedderError, load_tokenizer, normalize
 from ragline.embed.sentence_transformer import resolve_model_dir
-from ragline.httpretry import Retrying, describe, retry_policy
+from tenacity import RetryError, Retrying
+
+from ragline.httpretry import TransientError, check_response, retry_policy
 
 RETRY_ATTEMPTS = 4
 
@@ -43,16 +45,24 @@ class OpenAIEmbedder:
 
     def _post(self, texts: list[str]) -> np.ndarray:
         def call() -> np.ndarray:
-            response = self._client.post("/embeddings", json={"model": self.name, "input": texts})
-            response.raise_for_status()
-            data = sorted(response.json()["data"], key=lambda item: item["index"])
-            return np.asarray([item["embedding"] for item in data], dtype=np.float32)
+            try:
+                response = self._client.post("/embeddings", json={"model": self.name, "input": texts})
+            except httpx.TransportError as exc:
+                raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+            if reason := check_response(response):
+                raise EmbedderError(f"embedding server {self._client.base_url} rejected the request: {reason}")
+            try:
+                data = sorted(response.json()["data"], key=lambda item: item["index"])
+                return np.asarray([item["embedding"] for item in data], dtype=np.float32)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EmbedderError(f"embedding server {self._client.base_url} sent an unexpected body: {exc}") from exc
 
         try:
             return Retrying(**retry_policy(RETRY_ATTEMPTS))(call)
-        except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+        except RetryError as exc:
             raise EmbedderError(
-                f"embedding server {self._client.base_url} failed after retries: {describe(exc)}"
+                f"embedding server {self._client.base_url} failed after {RETRY_ATTEMPTS} tries: "
+                f"{exc.last_attempt.exception()}"
             ) from exc
 
     def _encode(self, texts: Sequence[str], prefix: str) -> np.ndarray:

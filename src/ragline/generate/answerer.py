@@ -19,7 +19,7 @@ from ragline import registry
 from ragline.generate.base import LLM, LLMError, Usage
 from ragline.generate.extractive import ExtractiveAnswerer
 from ragline.generate.prompt import NO_ANSWER, Prompt, build_prompt, check_citations
-from ragline.generate.settings import GenerateSettings, LLMSettings
+from ragline.config import GenerateSettings, LLMSettings
 from ragline.types import Answer, Hit
 
 if TYPE_CHECKING:
@@ -52,7 +52,10 @@ class _Turn:
     def start(self) -> Answer | None:
         """Build the prompt; return the final answer instead when there is nothing to ask a model."""
         if self.llm is None:
-            return self._timed(self.answerer.extractive.answer(self.question, self.hits))
+            answer = self.answerer.extractive.answer(self.question, self.hits)
+            if self.answerer.unavailable:
+                answer.note = f"no LLM could be loaded, so this answer was extracted from the documents: {self.answerer.unavailable}"
+            return self._timed(answer)
         if not self.hits:
             return self._no_answer("no passages were retrieved")
         try:
@@ -95,9 +98,9 @@ class _Turn:
 
     def _timed(self, answer: Answer) -> Answer:
         now = time.perf_counter()
-        answer.timings["generate_s"] = now - self.started
+        answer.timings["generate_ms"] = (now - self.started) * 1000
         if self.first_piece_at is not None:
-            answer.timings["ttft_s"] = self.first_piece_at - self.started
+            answer.timings["ttft_ms"] = (self.first_piece_at - self.started) * 1000
         return answer
 
 
@@ -118,6 +121,7 @@ class Answerer:
         input_fraction: float = 0.5,
         max_answer_tokens: int | None = 1024,
         temperature: float = 0.1,
+        unavailable: str = "",
     ):
         if (cheap_llm is None) != (router is None):
             raise ValueError("a cheap model and a router go together: give both or neither")
@@ -128,10 +132,16 @@ class Answerer:
         self.input_fraction = input_fraction
         self.max_answer_tokens = max_answer_tokens
         self.temperature = temperature
+        self.unavailable = unavailable
+        """Why the configured LLM could not be built, when answers are extracted instead."""
 
     @classmethod
     def from_settings(cls, settings: GenerateSettings, data_dir: Path) -> Answerer:
-        llm = build_llm(settings.llm, data_dir)
+        """Build from the config; a model that cannot be loaded degrades to extraction, with a note."""
+        try:
+            llm, unavailable = build_llm(settings.llm, data_dir), ""
+        except LLMError as exc:
+            llm, unavailable = None, str(exc)
         cheap_llm = router = None
         if settings.router.enabled and settings.cheap_llm is not None:  # validated: both or neither
             from ragline.generate.router import DEFAULT_EXAMPLES, Router  # scikit-learn only when routing
@@ -148,6 +158,7 @@ class Answerer:
             input_fraction=settings.input_fraction,
             max_answer_tokens=settings.max_answer_tokens,
             temperature=settings.temperature,
+            unavailable=unavailable,
         )
 
     def pick(self, question: str) -> LLM | None:

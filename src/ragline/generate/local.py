@@ -38,7 +38,7 @@ from ragline.generate.base import (
     estimate_usage,
     iterate_in_thread,
 )
-from ragline.generate.settings import LLMSettings
+from ragline.config import LLMSettings
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

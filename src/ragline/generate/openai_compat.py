@@ -20,15 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    RetryError,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, RetryCallState, RetryError, Retrying
 
 from ragline.generate.base import (
     AsyncTokenStream,
@@ -39,8 +31,9 @@ from ragline.generate.base import (
     Usage,
     estimate_usage,
 )
-from ragline.generate.settings import LLMSettings
+from ragline.config import LLMSettings
 from ragline.generate.tokenizer import count_tokens, load_encoding
+from ragline.httpretry import TransientError, check_response, retry_policy
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +44,6 @@ _HINTS = {
     403: "check the api_key",
     404: "check base_url (it should end in /v1) and the model name",
 }
-
-
-class _Transient(Exception):
-    """A failure another try may fix: 429, 5xx, a timeout, a dropped connection."""
-
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.retry_after = retry_after
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds from a `Retry-After` header; HTTP dates are left to the backoff."""
-    try:
-        return max(0.0, float(response.headers["retry-after"]))
-    except (KeyError, ValueError):
-        return None
-
-
-def _error_detail(response: httpx.Response) -> str:
-    try:
-        error = response.json()["error"]
-        detail = error["message"] if isinstance(error, dict) else str(error)
-    except (ValueError, KeyError, TypeError):
-        detail = response.text
-    return " ".join(detail.split())[:300]
 
 
 class _StreamParser:
@@ -144,8 +112,8 @@ class OpenAICompatLLM:
         self.context_window = context_window
         self.base_url = base_url.rstrip("/")
         self.max_tries = max_tries
+        self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
-        self._backoff = wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s)
         self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._encoding = load_encoding(tokenizer)
@@ -266,12 +234,10 @@ class OpenAICompatLLM:
         return client.build_request("POST", f"{self.base_url}/chat/completions", json=payload)
 
     def _check(self, response: httpx.Response) -> None:
-        """Raise for a non-200 answer whose body has been read: `_Transient` if worth retrying."""
-        if response.status_code == 200:
+        """Raise for a non-2xx answer whose body has been read: `TransientError` if worth retrying."""
+        reason = check_response(response)
+        if reason is None:
             return
-        reason = f"HTTP {response.status_code} {response.reason_phrase}: {_error_detail(response)}"
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Transient(reason, _retry_after(response))
         hint = _HINTS.get(response.status_code)
         raise LLMError(
             f"LLM at {self.base_url} rejected the request for model {self.name!r}: {reason}"
@@ -290,14 +256,8 @@ class OpenAICompatLLM:
     def _failure(self, exc: httpx.HTTPError) -> Exception:
         """Timeouts and connection trouble are worth another try; other HTTP errors are not."""
         if isinstance(exc, httpx.TransportError):
-            return _Transient(self._describe(exc))
+            return TransientError(self._describe(exc))
         return LLMError(f"LLM at {self.base_url} failed: {self._describe(exc)}")
-
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _Transient) and exc.retry_after is not None:
-            return min(exc.retry_after, self._backoff_max_s)
-        return self._backoff(state)
 
     def _retry_policy(self) -> dict[str, Any]:
         def before_sleep(state: RetryCallState) -> None:
@@ -310,12 +270,7 @@ class OpenAICompatLLM:
                 state.upcoming_sleep,
             )
 
-        return {
-            "stop": stop_after_attempt(self.max_tries),
-            "wait": self._wait,
-            "retry": retry_if_exception_type(_Transient),
-            "before_sleep": before_sleep,
-        }
+        return {**retry_policy(self.max_tries, self._backoff_initial_s, self._backoff_max_s), "before_sleep": before_sleep}
 
     def _gave_up(self, error: RetryError) -> LLMError:
         attempt = error.last_attempt

@@ -1,0 +1,177 @@
+"""Questions answered end to end: index → retrieve → answer, through the CLI, the API and the LLM server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from scripted_llm_server import Reply, ScriptedLLMServer, Stream, free_port
+
+from ragline.app import Ragline
+from ragline.cli import run
+from ragline.config import LLMSettings, Settings, SourceSettings
+from ragline.generate.openai_compat import OpenAICompatLLM
+from ragline.serve.api import create_app
+from ragline.serve.llm_server import create_llm_app
+
+QUESTION = "Which port does the Docker image listen on?"
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, embedder) -> Path:
+    root = tmp_path_factory.mktemp("query")
+    docs = root / "docs"
+    docs.mkdir()
+    (docs / "deploy.md").write_text(
+        "# Deploying\n\n## Docker\n\nThe Docker image listens on port 8000 by default. "
+        "Set RAGLINE_SERVE__PORT to change it.\n\n## Kubernetes\n\nUse the KubeRay operator on Kubernetes.\n"
+    )
+    app = Ragline(Settings(data_dir=root / "index"))
+    app.__dict__["embedder"] = embedder
+    app.indexer().run([SourceSettings(path=docs, url_template="https://ragline.dev/{path}")])
+    app.close()
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def llm_server():
+    with ScriptedLLMServer() as server:
+        yield server
+
+
+def components(index_dir: Path, embedder, **generate) -> Ragline:
+    app = Ragline(Settings(data_dir=index_dir, generate=generate))
+    app.__dict__["embedder"] = embedder
+    return app
+
+
+def openai_llm(server: ScriptedLLMServer, model: str = "served-model", **overrides) -> dict:
+    return {"backend": "openai", "model": model, "base_url": server.url, "backoff_initial_s": 0.01, **overrides}
+
+
+def test_ask_streams_status_tokens_then_a_cited_answer(index_dir, embedder, llm_server):
+    llm_server.script(Stream(["The image listens ", "on port 8000 [1]."]))
+    app = components(index_dir, embedder, llm=openai_llm(llm_server))
+    events = list(app.ask(QUESTION, k=2))
+    assert [e["stage"] for e in events if e["type"] == "status"] == ["retrieve", "generate"]
+    assert [e["text"] for e in events if e["type"] == "token"] == ["The image listens ", "on port 8000 [1]."]
+    answer = events[-1]
+    assert answer["type"] == "answer" and answer["grounded"] and answer["model"] == "served-model"
+    assert answer["citations"] == [
+        {"n": 1, "url": "https://ragline.dev/deploy#docker", "title": "Docker", "source": answer["hits"][0]["source"]}
+    ]
+    assert {"embed_ms", "search_ms", "generate_ms", "ttft_ms"} <= set(answer["timings"])
+    prompt = llm_server.received[0].body["messages"][-1]["content"]
+    assert "https://ragline.dev/deploy#docker" in prompt and "port 8000" in prompt
+
+
+def test_answer_citing_a_passage_it_was_not_given_is_not_grounded(index_dir, embedder, llm_server):
+    llm_server.script(Stream(["Port 8000 [7]."]))
+    app = components(index_dir, embedder, llm=openai_llm(llm_server))
+    *_, answer = app.ask(QUESTION, k=2)
+    assert answer["grounded"] is False
+
+
+def test_a_down_llm_still_gives_cited_passages_and_a_note(index_dir, embedder):
+    app = components(index_dir, embedder, llm=openai_llm_at(f"http://127.0.0.1:{free_port()}/v1", max_tries=2))
+    started = time.monotonic()
+    *_, answer = app.ask(QUESTION, k=2)
+    assert time.monotonic() - started < 10
+    assert "failed" in answer["note"] and "port 8000" in answer["answer"]
+    assert answer["citations"][0]["url"] == "https://ragline.dev/deploy#docker"
+
+
+def openai_llm_at(base_url: str, **overrides) -> dict:
+    return {"backend": "openai", "model": "m", "base_url": base_url, "backoff_initial_s": 0.01, **overrides}
+
+
+def test_routing_picks_the_cheap_model_for_lookups(index_dir, embedder, llm_server, tmp_path):
+    app = components(
+        index_dir, embedder,
+        llm=openai_llm(llm_server, "strong-model"), cheap_llm=openai_llm(llm_server, "cheap-model"),
+        router={"enabled": True, "model_path": str(tmp_path / "router.joblib")},
+    )
+    llm_server.script(Stream(["Port 8000 [1]."]), Stream(["Because [1]."]))
+    *_, cheap = app.ask("What is the default port?", k=1)
+    *_, strong = app.ask("Compare Docker and Kubernetes deployments and explain step by step which to choose", k=2)
+    assert (cheap["model"], strong["model"]) == ("cheap-model", "strong-model")
+    assert [r.body["model"] for r in llm_server.received] == ["cheap-model", "strong-model"]
+
+
+def test_cli_ask_json_and_streamed(index_dir, llm_server, monkeypatch, capsys):
+    monkeypatch.setenv("RAGLINE_DATA_DIR", str(index_dir))
+    monkeypatch.setenv("RAGLINE_GENERATE__LLM__BACKEND", "openai")
+    monkeypatch.setenv("RAGLINE_GENERATE__LLM__BASE_URL", llm_server.url)
+    monkeypatch.setenv("RAGLINE_GENERATE__LLM__MODEL", "served-model")
+    llm_server.script(Stream(["Port ", "8000 [1]."]), Stream(["Port ", "8000 [1]."]))
+    assert run(["ask", QUESTION, "-k", "2", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert set(body) >= {"answer", "citations", "hits", "model", "usage", "timings", "grounded"}
+    assert body["answer"] == "Port 8000 [1]." and body["citations"][0]["url"].endswith("#docker")
+    assert run(["ask", QUESTION, "-k", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "Port 8000 [1]." in shown and "[1] Docker — https://ragline.dev/deploy#docker" in shown
+
+
+def test_api_query_and_stream(index_dir, embedder, llm_server):
+    settings = Settings(data_dir=index_dir, generate={"llm": openai_llm(llm_server)})
+    app = components(index_dir, embedder, llm=openai_llm(llm_server))
+    llm_server.script(Stream(["Port 8000 [1]."]), Stream(["Port ", "8000 [1]."]))
+    with TestClient(create_app(settings, app)) as client:
+        body = client.post("/v1/query", json={"query": QUESTION, "k": 2}).json()
+        assert body["answer"] == "Port 8000 [1]." and body["latency_ms"] > 0 and body["grounded"]
+        with client.stream("POST", "/v1/query/stream", json={"query": QUESTION, "k": 2}) as response:
+            assert response.headers["content-type"].startswith("application/x-ndjson")
+            events = [json.loads(line) for line in response.iter_lines() if line]
+        assert [e["type"] for e in events] == ["status", "status", "token", "token", "answer"]
+        assert events[-1]["citations"][0]["url"] == "https://ragline.dev/deploy#docker"
+        assert client.post("/v1/query/stream", json={"query": "x", "filters": {"f": {"$lt": 1}}}).status_code == 422
+
+
+def test_cli_router_train(tmp_path, capsys):
+    examples = tmp_path / "labels.jsonl"
+    lines = [{"query": f"what is the default {w}?", "label": "cheap"} for w in ("port", "host", "timeout")]
+    lines += [{"query": f"compare {w} and explain the trade-offs step by step", "label": "strong"} for w in ("a", "b")]
+    examples.write_text("\n".join(json.dumps(line) for line in lines))
+    assert run(["router", "train", str(examples), "--model-path", str(tmp_path / "r.joblib")]) == 0
+    assert "trained on 5 examples" in capsys.readouterr().out and (tmp_path / "r.joblib").is_file()
+
+
+def test_llm_server_speaks_the_openai_protocol(llm_server):
+    """`ragline llm serve` in front of a model: our own OpenAI client talks to it like to vLLM."""
+    backend = OpenAICompatLLM.from_settings(LLMSettings(**openai_llm(llm_server, "upstream")))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_llm_app(Settings(), backend), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        client = OpenAICompatLLM.from_settings(
+            LLMSettings(backend="openai", model="upstream", base_url=f"http://127.0.0.1:{port}/v1")
+        )
+        llm_server.script(Reply(200, {"choices": [{"message": {"content": "Hello!"}, "finish_reason": "stop"}],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": 2}}),
+                          Stream(["Hel", "lo", "!"], usage={"prompt_tokens": 5, "completion_tokens": 3}))
+        messages = [{"role": "user", "content": "Say hello"}]
+        assert client.generate(messages, max_tokens=5).text == "Hello!"
+        stream = client.stream(messages, max_tokens=5)
+        assert list(stream) == ["Hel", "lo", "!"] and stream.usage.completion_tokens == 3
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert models["data"][0]["id"] == "upstream"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_model_that_cannot_load_degrades_to_extraction_with_a_note(index_dir, embedder):
+    app = components(index_dir, embedder, llm={"backend": "llama-cpp", "model": "no-such-model"})
+    *_, answer = app.ask(QUESTION, k=2)
+    assert "no LLM could be loaded" in answer["note"] and "no-such-model" in answer["note"]
+    assert "port 8000" in answer["answer"] and answer["citations"]
