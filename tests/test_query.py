@@ -119,6 +119,14 @@ def test_cli_ask_json_and_streamed(index_dir, llm_server, monkeypatch, capsys):
     assert "Port 8000 [1]." in shown and "[1] Docker — https://ragline.dev/deploy#docker" in shown
 
 
+def test_cli_ask_prints_an_extracted_answer(index_dir, monkeypatch, capsys):
+    monkeypatch.setenv("RAGLINE_DATA_DIR", str(index_dir))
+    monkeypatch.setenv("RAGLINE_GENERATE__LLM__BACKEND", "extractive")
+    assert run(["ask", QUESTION, "-k", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "listens on port 8000 by default. [1]" in shown and "[1] Docker — https://ragline.dev/deploy#docker" in shown
+
+
 def test_api_query_and_stream(index_dir, embedder, llm_server):
     settings = Settings(data_dir=index_dir, generate={"llm": openai_llm(llm_server)})
     app = components(index_dir, embedder, llm=openai_llm(llm_server))

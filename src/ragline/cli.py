@@ -198,12 +198,14 @@ def ask(
 ) -> None:
     """Answer a question from the indexed documents, with [n] citations to their sections."""
     app = Ragline(State.settings())
-    streamed = not (json_output or no_stream)
+    live = not (json_output or no_stream)
     final: dict = {}
+    streamed = False
     try:
         for event in app.ask(question, k, _parse_filters(filters)):
-            if event["type"] == "token" and streamed:
+            if event["type"] == "token" and live:
                 out.print(event["text"], end="", markup=False, highlight=False, soft_wrap=True)
+                streamed = True
             elif event["type"] == "status":
                 err.print(f"[dim]{event['stage']}…[/dim]")
             elif event["type"] == "answer":

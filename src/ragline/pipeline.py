@@ -32,7 +32,7 @@ from ragline.ingest.loaders.base import LoadError
 from ragline.store.base import DocumentRecord, VectorStore
 from ragline.types import Chunk, Document
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 """Bump when loaders or chunking change what they produce, so every file is re-indexed."""
 
 

@@ -273,7 +273,7 @@ class _PageSplitter:
             term = _description_term(el)
             if term is None:
                 return False
-            anchor, title = term.get("id"), _plain_text(term)
+            anchor, title = term.get("id"), _api_title(term)
         depth = self.collector.current.depth + 1
         part = _Part(title, anchor, self.outline.enter(depth, title), depth)
         parent = self.collector.start(part)
@@ -320,6 +320,23 @@ def _description_term(el: etree._Element) -> etree._Element | None:
     if el.tag != "dl" or len(el.findall("dd")) != 1:
         return None
     return next((dt for dt in el.iterchildren("dt") if dt.get("id")), None)
+
+
+def _api_title(term: etree._Element) -> str:
+    """`json.dumps()` rather than the whole signature, which the entry's text keeps anyway.
+
+    A short title keeps the heading path, prepended to every chunk of the
+    entry, from spending the embedding budget on a repeated parameter list.
+    """
+    names = [  # Sphinx marks the name with both older and newer classes; either will do
+        _squash("".join(span.itertext()))
+        for span in term.iter("span")
+        if {"descclassname", "descname", "sig-prename", "sig-name"} & set(span.get("class", "").split())
+    ]
+    if not names:
+        return _plain_text(term)
+    has_parameters = any("sig-paren" in span.get("class", "").split() for span in term.iter("span"))
+    return "".join(names) + ("()" if has_parameters else "")
 
 
 def _heading_anchor(heading: etree._Element) -> str:
