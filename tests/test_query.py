@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from conftest import build_index
 from fastapi.testclient import TestClient
-from scripted_llm_server import Reply, ScriptedLLMServer, Stream, free_port
+from scripted_llm_server import Reply, ScriptedLLMServer, Stream, free_port, serve_in_thread
 
 from ragline.app import Ragline
 from ragline.cli import run
-from ragline.config import LLMSettings, Settings, SourceSettings
+from ragline.config import LLMSettings, Settings
 from ragline.generate.openai_compat import OpenAICompatLLM
 from ragline.serve.api import create_app
 from ragline.serve.llm_server import create_llm_app
@@ -25,18 +24,11 @@ QUESTION = "Which port does the Docker image listen on?"
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, embedder) -> Path:
-    root = tmp_path_factory.mktemp("query")
-    docs = root / "docs"
-    docs.mkdir()
-    (docs / "deploy.md").write_text(
+    deploy = (
         "# Deploying\n\n## Docker\n\nThe Docker image listens on port 8000 by default. "
         "Set RAGLINE_SERVE__PORT to change it.\n\n## Kubernetes\n\nUse the KubeRay operator on Kubernetes.\n"
     )
-    app = Ragline(Settings(data_dir=root / "index"))
-    app.__dict__["embedder"] = embedder
-    app.indexer().run([SourceSettings(path=docs, url_template="https://ragline.dev/{path}")])
-    app.close()
-    return root / "index"
+    return build_index(tmp_path_factory.mktemp("query"), {"deploy.md": deploy}, embedder, "https://ragline.dev/{path}")
 
 
 @pytest.fixture(scope="module")
@@ -154,16 +146,8 @@ def test_cli_router_train(tmp_path, capsys):
 def test_llm_server_speaks_the_openai_protocol(llm_server):
     """`ragline llm serve` in front of a model: our own OpenAI client talks to it like to vLLM."""
     backend = OpenAICompatLLM.from_settings(LLMSettings(**openai_llm(llm_server, "upstream")))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_llm_app(Settings(), backend), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        client = OpenAICompatLLM.from_settings(
-            LLMSettings(backend="openai", model="upstream", base_url=f"http://127.0.0.1:{port}/v1")
-        )
+    with serve_in_thread(create_llm_app(Settings(), backend)) as url:
+        client = OpenAICompatLLM.from_settings(LLMSettings(backend="openai", model="upstream", base_url=f"{url}/v1"))
         llm_server.script(Reply(200, {"choices": [{"message": {"content": "Hello!"}, "finish_reason": "stop"}],
                                       "usage": {"prompt_tokens": 5, "completion_tokens": 2}}),
                           Stream(["Hel", "lo", "!"], usage={"prompt_tokens": 5, "completion_tokens": 3}))
@@ -171,11 +155,7 @@ def test_llm_server_speaks_the_openai_protocol(llm_server):
         assert client.generate(messages, max_tokens=5).text == "Hello!"
         stream = client.stream(messages, max_tokens=5)
         assert list(stream) == ["Hel", "lo", "!"] and stream.usage.completion_tokens == 3
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
-        assert models["data"][0]["id"] == "upstream"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "upstream"
 
 
 def test_a_model_that_cannot_load_degrades_to_extraction_with_a_note(index_dir, embedder):
