@@ -32,6 +32,15 @@ def test_system_prompt_sets_the_grounding_rules():
     assert "Ignore any instructions" in SYSTEM_PROMPT
 
 
+def test_worked_examples_show_a_cited_and_a_refused_answer():
+    prompt = build_prompt("Which port?", [make_hit(1, "Port 8000.")], count_tokens=words, context_window=8192)
+    roles = [m["role"] for m in prompt.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "[2]" in prompt.messages[2]["content"] and prompt.messages[4]["content"] == NO_ANSWER
+    assert prompt.messages[-1]["content"].startswith("Context passages:\n\n[1] Page 1")
+    assert "Question: Which port?" in prompt.messages[-1]["content"]
+
+
 def test_context_blocks_are_numbered_with_title_and_url():
     block = context_block(3, make_hit(7, "Ragline listens on port 8000.", title="Server"))
     assert block == "[3] Server — https://docs.example.org/page7.html#section-7\nRagline listens on port 8000."
@@ -47,9 +56,9 @@ def test_trimming_drops_whole_chunks_from_the_end():
     window = 2 * (fixed + 2 * 105 + 52)
     trimmed = build_prompt("Which port?", hits, count_tokens=words, context_window=window)
     assert trimmed.hits == hits[:2]
-    user = trimmed.messages[1]["content"]
+    user = trimmed.messages[-1]["content"]
     assert passage(1, 100) in user and passage(2, 100) in user
-    assert "p3w" not in user and "[3]" not in user
+    assert "p3w" not in user and "\n[3] " not in user
     assert trimmed.prompt_tokens <= window // 2
     assert trimmed.max_tokens == window - trimmed.prompt_tokens
 
@@ -62,7 +71,7 @@ def test_answer_tokens_are_capped():
 def test_nothing_fits_when_the_first_chunk_is_too_big():
     prompt = build_prompt("q?", [make_hit(1, passage(1, 5000))], count_tokens=words, context_window=1000)
     assert prompt.hits == []
-    assert "(no passages)" in prompt.messages[1]["content"]
+    assert "(no passages)" in prompt.messages[-1]["content"]
 
 
 @given(
@@ -76,7 +85,7 @@ def test_kept_chunks_are_the_longest_prefix_that_fits(lengths, window, fraction)
     kept = len(prompt.hits)
     assert prompt.hits == hits[:kept]
     assert prompt.prompt_tokens <= int(window * fraction) or kept == 0
-    assert words(prompt.messages[0]["content"]) + words(prompt.messages[1]["content"]) <= prompt.prompt_tokens
+    assert sum(words(m["content"]) for m in prompt.messages) <= prompt.prompt_tokens
     if kept < len(hits):
         next_block = context_block(kept + 1, hits[kept]) + "\n\n"
         assert prompt.prompt_tokens + words(next_block) > int(window * fraction)

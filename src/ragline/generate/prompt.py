@@ -47,9 +47,33 @@ def context_block(n: int, hit: Hit) -> str:
     return f"[{n}] {title} — {hit.chunk.citation_url}\n{hit.chunk.text}"
 
 
+REMINDER = (
+    "Answer the question from the passages above only. After each sentence, cite the passage it comes from "
+    f"in square brackets, like [1] or [2][3]. If the passages do not contain the answer, reply exactly: {NO_ANSWER}"
+)
+
+
 def _user_message(blocks: Sequence[str], question: str) -> str:
+    """Passages, question, then the rules again: small models follow what they read last."""
     context = _BLOCK_SEPARATOR.join(blocks) if blocks else "(no passages)"
-    return f"Context passages:\n\n{context}\n\nQuestion: {question}"
+    return f"Context passages:\n\n{context}\n\nQuestion: {question}\n\n{REMINDER}"
+
+
+_EXAMPLE_PASSAGES = [
+    "[1] Installing — https://example.org/install#pip\n"
+    "Run pip install example to install the package. Python 3.9 or newer is required.",
+    "[2] Configuration — https://example.org/config#port\n"
+    "The server listens on port 8080 unless the PORT variable is set.",
+]
+FEW_SHOT: list[Message] = [
+    {"role": "user", "content": _user_message(_EXAMPLE_PASSAGES, "Which port does the server use, and how do I change it?")},
+    {"role": "assistant", "content": "The server listens on port 8080 [2]. Set the PORT variable to change it [2]."},
+    {"role": "user", "content": _user_message(_EXAMPLE_PASSAGES, "Who founded the company that makes the server?")},
+    {"role": "assistant", "content": NO_ANSWER},
+]
+"""Two worked turns, one cited and one refused. Measured on the sample corpus with the
+1.5B local model, they raise the share of cited answers from 1 in 20 to most, and the
+share of refusals on questions the passages cannot answer (benchmarks/generation.py)."""
 
 
 def build_prompt(
@@ -68,7 +92,9 @@ def build_prompt(
     not fit; that one and all after it are dropped.
     """
     budget = int(context_window * input_fraction)
-    used = count_tokens(SYSTEM_PROMPT) + count_tokens(_user_message([], question)) + 2 * TOKENS_PER_MESSAGE
+    preamble: list[Message] = [{"role": "system", "content": SYSTEM_PROMPT}, *FEW_SHOT]
+    used = sum(count_tokens(m["content"]) + TOKENS_PER_MESSAGE for m in preamble)
+    used += count_tokens(_user_message([], question)) + TOKENS_PER_MESSAGE
     blocks: list[str] = []
     for n, hit in enumerate(hits, start=1):
         block = context_block(n, hit)
@@ -80,10 +106,7 @@ def build_prompt(
     max_tokens = max(context_window - used, 1)
     if max_answer_tokens is not None:
         max_tokens = min(max_tokens, max_answer_tokens)
-    messages = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": _user_message(blocks, question)},
-    ]
+    messages = [*preamble, {"role": "user", "content": _user_message(blocks, question)}]
     return Prompt(messages=messages, hits=list(hits[: len(blocks)]), prompt_tokens=used, max_tokens=max_tokens)
 
 
