@@ -92,6 +92,10 @@ class StoreContract:
         assert store.count({"format": "pdf", "groups": "sales"}) == 0
         assert store.search(vector(0), 10, {"format": {"$in": []}}) == []
 
+    def test_list_fields_may_repeat_values(self, store):
+        put(store, "a", [0], heading_path=["Decode", "Decode"])
+        assert store.count({"heading_path": "Decode"}) == 1
+
     def test_filters_forget_deleted_and_replaced_chunks(self, store):
         put(store, "a", [0, 1], format="pdf")
         put(store, "b", [2], format="pdf")

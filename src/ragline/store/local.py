@@ -154,7 +154,7 @@ class LocalStore:
             )
             seqs = dict(db.execute("SELECT chunk_id, seq FROM chunks WHERE doc_id = ?", (record.doc_id,)))
             db.executemany(
-                "INSERT INTO tags(field, value, seq) VALUES (?, ?, ?)",
+                "INSERT OR IGNORE INTO tags(field, value, seq) VALUES (?, ?, ?)",  # a list may repeat a value
                 (tag for chunk in chunks for tag in _tags(seqs[chunk.chunk_id], chunk.metadata)),
             )
 
