@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +29,7 @@ from ragline.ingest.chunker import Chunker
 from ragline.ingest.loaders import loader_for
 from ragline.ingest.loaders.base import LoadError
 from ragline.store.base import DocumentRecord, VectorStore
-from ragline.types import Chunk, Document
+from ragline.types import Chunk, Document, utc_now
 
 PIPELINE_VERSION = "2"
 """Bump when loaders or chunking change what they produce, so every file is re-indexed."""
@@ -190,7 +189,7 @@ class Indexer:
         self._flush(report)
         self.store.persist()
         report.seconds = round(time.perf_counter() - started, 3)
-        self.store.set_meta("last_ingest", json.dumps({"at": _now(), **report.to_dict()}))
+        self.store.set_meta("last_ingest", json.dumps({"at": utc_now(), **report.to_dict()}))
         return report
 
     def _check_embedder(self, full: bool) -> None:
@@ -291,7 +290,3 @@ class Indexer:
             offset += count
             report.chunks += count
         self._pending, self._pending_chunks = [], 0
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from datetime import datetime, timezone
 
 from semantic_text_splitter import TextSplitter
 from tokenizers import Tokenizer
 
-from ragline.types import Chunk, Document, Section, heading_prefix
+from ragline.types import Chunk, Document, Section, heading_prefix, utc_now
 
 SPECIAL_TOKENS = 2  # [CLS] and [SEP] for BERT-style models; a safe margin for others
 
@@ -84,7 +83,7 @@ class Chunker:
         return self._splitter(capacity).chunk_indices(section.text)
 
     def chunk(self, document: Document, ingested_at: str | None = None) -> list[Chunk]:
-        ingested_at = ingested_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        ingested_at = ingested_at or utc_now()
         chunks: list[Chunk] = []
         seen: Counter[str] = Counter()
         for section in document.sections:

@@ -15,14 +15,13 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from ragline.config import Settings
 from ragline.store.base import DocumentRecord, Filters, StoreError, check_filters
-from ragline.types import Chunk, Hit
+from ragline.types import Chunk, Hit, utc_now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -57,10 +56,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0');
 INSERT OR IGNORE INTO meta(key, value) VALUES ('store_id', lower(hex(randomblob(8))));
 """
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _tags(seq: int, metadata: dict) -> Iterator[tuple[str, object, int]]:
@@ -142,7 +137,7 @@ class LocalStore:
                 "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.doc_id, record.source, record.root, record.size, record.mtime_ns,
-                    record.sha256, record.fingerprint, record.status, record.error, record.updated_at or _now(),
+                    record.sha256, record.fingerprint, record.status, record.error, record.updated_at or utc_now(),
                 ),
             )
             db.executemany(
