@@ -243,12 +243,12 @@ def router_train(
     model_path: Annotated[Optional[Path], typer.Option(help="where to save (default: generate.router.model_path)")] = None,
 ) -> None:
     """Train the router that sends simple questions to the cheap model."""
-    from ragline.generate.router import Router, read_examples
+    from ragline.generate.router import Router, read_examples, router_path
 
     settings = State.settings()
     if not examples.is_file():
         raise typer.BadParameter(f"{examples} is not a file", param_hint="EXAMPLES")
-    target = model_path or settings.generate.router.model_path or settings.data_dir / "models" / "router.joblib"
+    target = model_path or router_path(settings.generate.router, settings.data_dir)
     router = Router.train(examples)
     router.save(target)
     queries, labels = read_examples(examples)

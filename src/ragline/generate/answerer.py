@@ -144,11 +144,11 @@ class Answerer:
             llm, unavailable = None, str(exc)
         cheap_llm = router = None
         if settings.router.enabled and settings.cheap_llm is not None:  # validated: both or neither
-            from ragline.generate.router import DEFAULT_EXAMPLES, Router  # scikit-learn only when routing
+            from ragline.generate.router import DEFAULT_EXAMPLES, Router, router_path  # scikit-learn only when routing
 
             cheap_llm = build_llm(settings.cheap_llm, data_dir)
             router = Router.load_or_train(
-                settings.router.model_path or data_dir / "models" / "router.joblib",
+                router_path(settings.router, data_dir),
                 settings.router.examples or DEFAULT_EXAMPLES,
             )
         return cls(

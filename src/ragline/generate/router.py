@@ -23,9 +23,16 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 
+from ragline.config import RouterSettings
+
 Route = Literal["cheap", "strong"]
 ROUTES: tuple[Route, ...] = ("cheap", "strong")
 DEFAULT_EXAMPLES = Path(__file__).parent / "data" / "router_examples.jsonl"
+
+
+def router_path(settings: RouterSettings, data_dir: Path) -> Path:
+    """Where the trained router lives: the configured path, else under the data dir."""
+    return settings.model_path or data_dir / "models" / "router.joblib"
 
 
 class RouterError(ValueError):
