@@ -2,15 +2,22 @@
 
 A test module for a backend subclasses `StoreContract` and provides the
 `store` and `reopen` fixtures; everything else is shared.
+
+`text_vector` and `assert_hits_pair_right` make a wrong pairing of chunk and
+vector visible: each chunk's vector is derived from its text, so every hit's
+score must equal the query times the vector of the text it came back with.
+The process tests (tests/test_store_processes.py) use them too.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
-from ragline.store.base import DocumentRecord, StoreError, VectorStore
-from ragline.types import Chunk
+from ragline.store.base import MAX_IN_VALUES, DocumentRecord, FilterError, StoreError, VectorStore
+from ragline.types import Chunk, Hit
 
 DIM = 8
 
@@ -37,6 +44,39 @@ def chunks_for(doc_id: str, n: int, **meta) -> list[Chunk]:
 
 def put(store: VectorStore, doc_id: str, hots: list[int], **meta) -> None:
     store.upsert_document(record(doc_id), chunks_for(doc_id, len(hots), **meta), np.stack([vector(h) for h in hots]))
+
+
+def text_vector(text: str, dim: int = DIM) -> np.ndarray:
+    """A unit vector that depends only on `text`: the vector a chunk with this text must come back with."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def put_texts(store: VectorStore, doc_id: str, texts: list[str], dim: int = DIM, **meta) -> None:
+    """Store `doc_id` as one chunk per text, each with its `text_vector`."""
+    chunks = [Chunk(f"{doc_id}-{i}", doc_id, text, {"title": doc_id, **meta}) for i, text in enumerate(texts)]
+    vectors = np.stack([text_vector(text, dim) for text in texts]) if texts else np.zeros((0, dim), np.float32)
+    store.upsert_document(record(doc_id), chunks, vectors)
+
+
+def pairing_errors(hits: list[Hit], query: np.ndarray, k: int) -> list[str]:
+    """What is wrong with a search's hits: a score that is not query·text_vector(text), bad order, repeats."""
+    dim = len(query)
+    errors = [f"{len(hits)} hits for k={k}"] if len(hits) > k else []
+    for hit in hits:
+        expected = float(query @ text_vector(hit.chunk.text, dim))
+        if abs(hit.score - expected) > 1e-5:
+            errors.append(f"{hit.chunk.chunk_id} {hit.chunk.text!r} scored {hit.score}, its vector gives {expected}")
+    if [h.score for h in hits] != sorted((h.score for h in hits), reverse=True):
+        errors.append("hits are not ranked by score")
+    if len({h.chunk.chunk_id for h in hits}) != len(hits):
+        errors.append("a chunk came back twice")
+    return errors
+
+
+def assert_hits_pair_right(hits: list[Hit], query: np.ndarray, k: int) -> None:
+    assert pairing_errors(hits, query, k) == []
 
 
 class StoreContract:
@@ -104,12 +144,72 @@ class StoreContract:
         assert store.count({"format": "pdf"}) == 0
         assert store.count({"format": "html"}) == 1
 
-    def test_bad_filters_are_rejected(self, store):
-        put(store, "a", [0])
-        with pytest.raises(ValueError, match="only"):
-            store.search(vector(0), 1, {"format": {"$gt": 1}})
-        with pytest.raises(ValueError, match="plain metadata name"):
-            store.count({"x') OR 1=1 --": 1})
+    def test_filter_fields_know_each_fields_type(self, store):
+        assert store.filter_fields() == {}
+        put(store, "a", [0], format="pdf", page=3, score=1, draft=True, groups=["eng"], nothing=None, nested={"a": 1})
+        put(store, "b", [1], format="html", page=None, score=0.5, draft=False, groups=[])
+        assert store.filter_fields() == {
+            "title": "str", "chunk_index": "int", "format": "str", "page": "int",
+            "score": "float", "draft": "bool", "groups": "list[str]",
+        }
+        store.clear()
+        assert store.filter_fields() == {}
+
+    def test_filters_match_typed_values(self, store):
+        put(store, "a", [0], page=3, score=0.5, draft=True)
+        put(store, "b", [1], page=4, score=2, draft=False)
+        assert store.count({"page": 3}) == 1
+        assert store.count({"page": {"$in": [3, 4]}}) == 2
+        assert store.count({"score": 2}) == 1 and store.count({"score": 2.0}) == 1
+        assert [h.chunk.doc_id for h in store.search(vector(0), 5, {"draft": True})] == ["a"]
+        assert store.count({"draft": False}) == 1
+
+    @pytest.mark.parametrize(
+        "filters, problem",
+        [
+            ({"format": {"$gt": 1}}, r"\$in"),
+            ({"format": ["pdf"]}, r"\$in"),
+            ({"format": {"$in": [{"a": 1}]}}, "str"),
+            ({"format": {"$in": "pdf"}}, "list"),
+            ({"format": {"$in": ["pdf"] * (MAX_IN_VALUES + 1)}}, str(MAX_IN_VALUES)),
+            ({"page": "3"}, "int"),
+            ({"page": True}, "int"),
+            ({"draft": 1}, "bool"),
+            ({"format": None}, "str"),
+            ({"formt": "pdf"}, "unknown"),
+            ({"x') OR 1=1 --": 1}, "unknown"),
+        ],
+    )
+    def test_bad_filters_are_rejected_naming_the_problem(self, store, filters, problem):
+        put(store, "a", [0], format="pdf", page=3, draft=True)
+        for call in (lambda: store.search(vector(0), 1, filters), lambda: store.count(filters)):
+            with pytest.raises(FilterError, match=problem) as raised:
+                call()
+            assert isinstance(raised.value, ValueError)
+            assert "known fields" in str(raised.value) and "page (int)" in str(raised.value)
+
+    def test_in_lists_up_to_the_limit_are_accepted(self, store):
+        put(store, "a", [0], format="pdf")
+        assert store.count({"format": {"$in": [f"f{i}" for i in range(MAX_IN_VALUES - 1)] + ["pdf"]}}) == 1
+
+    def test_k_below_one_is_refused(self, store):
+        put(store, "a", [0, 1])
+        for k in (0, -1):
+            with pytest.raises(ValueError, match="k must be"):
+                store.search(vector(0), k)
+
+    def test_touch_document_saves_size_and_mtime_only(self, store):
+        put(store, "a", [0, 1])
+        (before,) = store.documents()
+        store.touch_document("a", 123, 456)
+        (after,) = store.documents()
+        assert (after.size, after.mtime_ns) == (123, 456)
+        assert (after.sha256, after.fingerprint, after.status, after.chunk_ids) == (
+            before.sha256, before.fingerprint, before.status, before.chunk_ids,
+        )
+        assert [h.chunk.chunk_id for h in store.search(vector(1), 1)] == ["a-1"]
+        with pytest.raises(StoreError, match="missing"):
+            store.touch_document("missing", 1, 1)
 
     def test_dimension_mismatch_is_refused(self, store):
         put(store, "a", [0])
@@ -148,6 +248,21 @@ class StoreContract:
         assert again.count() == 2
         assert [h.chunk.chunk_id for h in again.search(vector(1), 1)] == ["c-0"]
         assert {h.chunk.doc_id for h in again.search(vector(0), 5)} == {"b", "c"}
+
+    def test_replaced_documents_pair_right_across_persists_and_reopens(self, store, reopen):
+        rng = np.random.default_rng(7)
+        for version in range(6):
+            for doc in "abc":
+                n = int(rng.integers(0, 5))
+                put_texts(store, doc, [f"{doc} v{version} {i}" for i in range(n)])
+            if version % 2:
+                store.persist()
+            again = reopen()
+            for handle in (store, again):
+                query = text_vector(f"query {version}")
+                hits = handle.search(query, 4)
+                assert_hits_pair_right(hits, query, 4)
+                assert len(hits) == min(4, handle.count())
 
     def test_a_second_handle_sees_new_writes(self, store, reopen):
         reader = reopen()

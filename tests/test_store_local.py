@@ -1,7 +1,13 @@
+"""`LocalStore`: the store contract, plus what its SQLite + snapshot design must guarantee."""
+
 from __future__ import annotations
 
+import shutil
+import sqlite3
+
+import numpy as np
 import pytest
-from store_contract import StoreContract
+from store_contract import StoreContract, assert_hits_pair_right, put, put_texts, text_vector, vector
 
 from ragline.store.local import LocalStore
 
@@ -24,3 +30,128 @@ class TestLocalStore(StoreContract):
         yield _reopen
         for store in opened:
             store.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return tmp_path / "data"
+
+
+def vector_files(data_dir):
+    return sorted((data_dir / "index").rglob("vectors.npy"))
+
+
+def test_a_search_sees_one_committed_state(data_dir):
+    """Another process commits before every statement the reader runs; each search still sees one state."""
+    writer, reader = LocalStore(data_dir), LocalStore(data_dir)
+    put_texts(writer, "a", ["a v0 0", "a v0 1"])
+    put_texts(writer, "b", ["b 0"])
+    commits = []
+
+    def commit_between_statements(sql: str) -> None:
+        if sql.lstrip().upper().startswith("SELECT"):
+            version = len(commits) + 1
+            put_texts(writer, "a", [f"a v{version} {i}" for i in range(1 + version % 4)])
+            commits.append(sql)
+
+    reader._db.set_trace_callback(commit_between_statements)
+    try:
+        for round_ in range(5):
+            query = text_vector(f"query {round_}")
+            assert_hits_pair_right(reader.search(query, 10), query, 10)
+    finally:
+        reader._db.set_trace_callback(None)
+    assert len(commits) >= 10
+    final = reader.search(text_vector("last"), 10)
+    assert {h.chunk.text for h in final if h.chunk.doc_id == "a"} == {
+        f"a v{len(commits)} {i}" for i in range(1 + len(commits) % 4)
+    }
+    writer.close(), reader.close()
+
+
+def test_a_snapshot_torn_between_its_files_is_not_trusted(data_dir, tmp_path):
+    """What a kill between the renames of a persist leaves: new labels beside the old vectors file."""
+    store = LocalStore(data_dir)
+    put_texts(store, "a", ["a old 0", "a old 1", "a old 2"])
+    store.persist()
+    (old_vectors,) = vector_files(data_dir)
+    shutil.copy(old_vectors, tmp_path / "old-vectors.npy")
+    put_texts(store, "a", ["a new 0", "a new 1", "a new 2"])
+    store.persist()
+    store.close()
+    (new_vectors,) = vector_files(data_dir)
+    shutil.copy(tmp_path / "old-vectors.npy", new_vectors)
+
+    again = LocalStore(data_dir)
+    query = text_vector("a new 1")
+    hits = again.search(query, 3)
+    assert_hits_pair_right(hits, query, 3)
+    assert hits[0].chunk.text == "a new 1"
+    again.persist()  # and the next snapshot is right again
+    again.close()
+    third = LocalStore(data_dir)
+    assert_hits_pair_right(third.search(query, 3), query, 3)
+    third.close()
+
+
+def test_a_damaged_snapshot_is_rebuilt_from_the_database(data_dir):
+    store = LocalStore(data_dir)
+    put_texts(store, "a", [f"a {i}" for i in range(4)])
+    store.persist()
+    store.close()
+    (vectors,) = vector_files(data_dir)
+    matrix = np.load(vectors)
+    np.save(vectors, matrix[::-1])  # right shape, wrong rows
+
+    again = LocalStore(data_dir)
+    query = text_vector("a 2")
+    hits = again.search(query, 4)
+    assert_hits_pair_right(hits, query, 4)
+    assert hits[0].chunk.text == "a 2"
+    again.close()
+
+
+def test_persist_keeps_only_the_current_snapshot(data_dir):
+    store = LocalStore(data_dir)
+    for version in range(3):
+        put_texts(store, "a", [f"a {version}"])
+        store.persist()
+    assert len(vector_files(data_dir)) == 1
+    store.close()
+
+
+def test_a_reader_behind_the_tombstone_compaction_rescans(data_dir):
+    writer, reader = LocalStore(data_dir), LocalStore(data_dir)
+    put(writer, "a", [0, 1])
+    put(writer, "b", [2])
+    assert {h.chunk.doc_id for h in reader.search(vector(0), 5)} == {"a", "b"}
+    writer.delete_document("a")
+    writer.persist()  # drops the tombstones its snapshot covers, the ones the reader has not seen
+    put(writer, "c", [0])
+    assert {h.chunk.doc_id for h in reader.search(vector(0), 5)} == {"b", "c"}
+    assert reader.count() == 2
+    writer.close(), reader.close()
+
+
+def test_an_index_of_the_previous_version_is_upgraded(data_dir):
+    """Its database learns its field types; its one-folder snapshot (here a wrong one) is ignored, then removed."""
+    store = LocalStore(data_dir)
+    put(store, "a", [0, 1], format="pdf", page=2)
+    store.close()
+    db = sqlite3.connect(data_dir / "store.sqlite")
+    db.execute("DROP TABLE fields")
+    db.execute("PRAGMA user_version = 0")
+    db.commit()
+    db.close()
+    (data_dir / "index").mkdir()
+    np.save(data_dir / "index" / "seqs.npy", np.array([1, 2]))
+    np.save(data_dir / "index" / "vectors.npy", np.stack([vector(5), vector(6)]))
+    (data_dir / "index" / "generation").write_text("whatever 99")
+
+    again = LocalStore(data_dir)
+    assert again.filter_fields() == {"title": "str", "chunk_index": "int", "format": "str", "page": "int"}
+    assert again.count({"page": 2}) == 2
+    assert [h.chunk.chunk_id for h in again.search(vector(1), 1)] == ["a-1"]
+    again.persist()
+    assert not list((data_dir / "index").glob("*.npy")) and not (data_dir / "index" / "generation").exists()
+    again.close()

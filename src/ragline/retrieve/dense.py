@@ -45,7 +45,10 @@ class DenseRetriever:
     def search_many(
         self, queries: Sequence[str], k: int | None = None, filters: Filters | None = None
     ) -> list[Retrieval]:
-        """Embed all queries in one batch, then search each."""
+        """Embed all queries in one batch, then search each (k defaults to top_k and must be at least 1)."""
+        k = self.top_k if k is None else k
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         self.check_index()
         started = time.perf_counter()
         vectors = self.embedder.embed_queries(list(queries))
@@ -53,7 +56,7 @@ class DenseRetriever:
         results = []
         for query, vector in zip(queries, vectors):
             started = time.perf_counter()
-            hits = self.store.search(vector, k or self.top_k, filters)
+            hits = self.store.search(vector, k, filters)
             search_ms = (time.perf_counter() - started) * 1000
             results.append(Retrieval(query, hits, {"embed_ms": round(embed_ms, 2), "search_ms": round(search_ms, 2)}))
         return results

@@ -3,6 +3,11 @@
 A store owns both the chunks and the manifest, and replaces a document's
 chunks and its manifest row in one transaction: that is what makes ingest
 crash-safe (a killed run leaves each file either fully old or fully new).
+A search sees one committed state of the store, even while another process
+writes. A store records the type of each metadata field it can filter on
+(`filter_fields()`); `check_filters` validates filters against those types at
+every edge (store, API, CLI) and raises `FilterError` (a ValueError) naming
+the problem and the known fields. Every store passes tests/store_contract.py.
 """
 
 from __future__ import annotations
@@ -39,19 +44,118 @@ class DocumentRecord:
     chunk_ids: list[str] = field(default_factory=list)
 
 
-def check_filters(filters: Filters | None) -> dict[str, tuple[str, Any]]:
-    """Validate filters and normalize each to (operator, operand); raises ValueError with the problem."""
-    normalized: dict[str, tuple[str, Any]] = {}
-    for name, condition in (filters or {}).items():
-        if not isinstance(name, str) or not name.replace("_", "").isalnum():
-            raise ValueError(f"filter field {name!r} must be a plain metadata name (letters, digits, _)")
+MAX_IN_VALUES = 500
+"""The longest `$in` list a filter may give (each value is one SQL parameter)."""
+
+
+class FilterError(ValueError):
+    """A filter names an unknown field, or gives an operand of the wrong shape or type."""
+
+
+# Field types, as `VectorStore.filter_fields()` reports them: str, int, float, bool, any (values of
+# several types), or list[<one of those>] for a field holding lists, which matches any of its elements.
+
+
+def value_type(value: Any) -> str | None:
+    """The type of a metadata value, or None when it cannot be filtered on (None, dicts, nested lists)."""
+    if isinstance(value, list):
+        elements = {value_type(item) for item in value if not isinstance(item, list)} - {None}
+        return f"list[{_widen(*elements)}]" if elements else None
+    if isinstance(value, bool):  # before int: True is an int too
+        return "bool"
+    for name, python_type in (("int", int), ("float", float), ("str", str)):
+        if isinstance(value, python_type):
+            return name
+    return None
+
+
+def _widen(*types: str) -> str:
+    """One type for values of several: int and float make float, any other mix makes any."""
+    if len(set(types)) == 1:
+        return types[0]
+    return "float" if set(types) <= {"int", "float"} else "any"
+
+
+def element_type(type_name: str) -> str:
+    """The type a filter value must have: the field's own, or its elements' for a list field."""
+    return type_name[len("list["):-1] if type_name.startswith("list[") else type_name
+
+
+def merge_types(known: str, seen: str) -> str:
+    """The type of a field that had type `known` and now also holds a value of type `seen`."""
+    if known.startswith("list[") and seen.startswith("list["):
+        return f"list[{_widen(element_type(known), element_type(seen))}]"
+    return "any" if known.startswith("list[") or seen.startswith("list[") else _widen(known, seen)
+
+
+_ACCEPTED: dict[str, type | tuple[type, ...]] = {
+    "str": str, "int": int, "float": (int, float), "any": (str, int, float),
+}
+
+
+def _accepts(element: str, value: Any) -> bool:
+    """Whether `value` may be compared with values of type `element` (a float field takes whole numbers)."""
+    if isinstance(value, bool):
+        return element in ("bool", "any")
+    return isinstance(value, _ACCEPTED.get(element, ()))
+
+
+def describe_fields(fields: Mapping[str, str]) -> str:
+    if not fields:
+        return "the index has no filterable fields yet (is it empty? run `ragline ingest`)"
+    return "known fields: " + ", ".join(f"{name} ({type_name})" for name, type_name in sorted(fields.items()))
+
+
+def check_filters(filters: Filters | None, fields: Mapping[str, str]) -> dict[str, list[Any]]:
+    """Validate filters against a store's fields (`VectorStore.filter_fields()`).
+
+    Returns each filtered field with the values it may take (any of them);
+    raises FilterError naming the problem and the known fields.
+    """
+
+    def rejected(problem: str) -> FilterError:
+        return FilterError(f"{problem}; {describe_fields(fields)}")
+
+    if filters is None:
+        return {}
+    if not isinstance(filters, Mapping):
+        raise rejected(f"filters must be an object of field: value, not {filters!r:.80}")
+    wanted: dict[str, list[Any]] = {}
+    for name, condition in filters.items():
+        if name not in fields:
+            raise rejected(f"unknown filter field {name!r:.80}")
         if isinstance(condition, Mapping):
-            if set(condition) != {"$in"} or not isinstance(condition["$in"], (list, tuple)):
-                raise ValueError(f"filter on {name!r}: only {{'$in': [values]}} or a plain value is supported")
-            normalized[name] = ("in", list(condition["$in"]))
+            if set(condition) != {"$in"}:
+                raise rejected(f"filter on {name!r}: give a plain value or {{'$in': [values]}}, not {condition!r:.80}")
+            values = condition["$in"]
+            if not isinstance(values, (list, tuple)):
+                raise rejected(f"filter on {name!r}: '$in' takes a list of values")
+            if len(values) > MAX_IN_VALUES:
+                raise rejected(f"filter on {name!r}: '$in' lists at most {MAX_IN_VALUES} values, not {len(values)}")
+        elif isinstance(condition, (list, tuple)):
+            raise rejected(f"filter on {name!r}: a list is not a value; use {{'$in': [...]}} to match any of several")
         else:
-            normalized[name] = ("eq", condition)
-    return normalized
+            values = [condition]
+        element = element_type(fields[name])
+        for value in values:
+            if not _accepts(element, value):
+                raise rejected(f"filter on {name!r} wants {element} values, got {value!r:.80}")
+        wanted[name] = list(values)
+    return wanted
+
+
+def parse_filter_value(name: str, text: str, fields: Mapping[str, str]) -> Any:
+    """The value of a command-line filter (`page=3`) in its field's type; raises FilterError if it has none."""
+    if name not in fields:
+        raise FilterError(f"unknown filter field {name!r}; {describe_fields(fields)}")
+    element = element_type(fields[name])
+    try:
+        if element == "bool":
+            return {"true": True, "false": False}[text.strip().lower()]
+        return int(text) if element == "int" else float(text) if element == "float" else text
+    except (KeyError, ValueError):
+        expected = {"bool": "true or false", "int": "an int", "float": "a float"}[element]
+        raise FilterError(f"filter on {name!r} wants {expected}, got {text!r}; {describe_fields(fields)}") from None
 
 
 @runtime_checkable
@@ -62,15 +166,33 @@ class VectorStore(Protocol):
         """Replace everything stored for `record.doc_id` (chunks and manifest row) atomically."""
         ...
 
+    def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
+        """Save a file's new size and mtime when its content is unchanged; its chunks stay as they are.
+
+        Raises StoreError when `doc_id` is not in the manifest.
+        """
+        ...
+
     def delete_document(self, doc_id: str) -> None: ...
 
     def documents(self) -> list[DocumentRecord]:
         """The manifest: every source file seen, indexed or failed, with its chunk ids."""
         ...
 
-    def search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]: ...
+    def search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]:
+        """The k (at least 1) chunks closest to `vector` among those matching `filters`, as one committed state.
 
-    def count(self, filters: Filters | None = None) -> int: ...
+        Raises FilterError for filters that `check_filters` rejects, ValueError for k < 1.
+        """
+        ...
+
+    def count(self, filters: Filters | None = None) -> int:
+        """How many chunks match `filters` (FilterError as in `search`)."""
+        ...
+
+    def filter_fields(self) -> dict[str, str]:
+        """Each filterable metadata field with its type (str, int, float, bool, any, list[...])."""
+        ...
 
     def get_meta(self, key: str) -> str | None: ...
 
@@ -81,7 +203,11 @@ class VectorStore(Protocol):
         ...
 
     def persist(self) -> None:
-        """Make the search index fast to reopen; data is already durable after each upsert."""
+        """Make the search index fast to reopen; data is already durable after each upsert.
+
+        Safe to kill at any moment and to run in several processes at once:
+        what it leaves is either the previous snapshot or the new one, whole.
+        """
         ...
 
     def close(self) -> None: ...

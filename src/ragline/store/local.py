@@ -1,27 +1,54 @@
 """The embedded default store: SQLite for chunks, metadata and manifest, NumPy for exact search.
 
-SQLite (WAL) is the source of truth and gives one transaction per file.
-The vectors are mirrored into a float32 matrix for brute-force cosine
-search, which is exact, honours any filter, and takes ~20 ms at 100k×384.
-A `generation` counter, bumped by every write, tells a reader (another
-process, or the API while an ingest runs) when to refresh its matrix; the
-refresh reads only the rows it does not have yet.
+SQLite (WAL) is the source of truth. Its vectors are mirrored into a float32
+matrix for brute-force cosine search, which is exact, honours any filter,
+and takes ~20 ms at 100k×384. What is guaranteed:
+
+- **Writes** are one transaction per document (chunks, filter tags, field
+  types and manifest row together): a kill leaves each document fully old or
+  fully new. Writers in several processes take turns (SQLite's write lock).
+- **Reads** see one committed state. A search checks its filters, refreshes
+  the mirror, filters and fetches its rows inside one read transaction (WAL
+  snapshot isolation), so another process committing meanwhile is invisible
+  to it until its next search.
+- **Refreshes read only what changed.** Rows are never updated in place and
+  seqs are never reused, so a reader reads rows with `seq >` the last one it
+  mirrors, and deletions from `tombstones` (filled by a trigger) after the
+  last tombstone it applied. `generation`, bumped by every change of the
+  chunks, tells it when there is anything to read. `persist()` drops the
+  tombstones its snapshot covers; a reader that had not applied them yet
+  compares its seqs with the table once instead.
+- **Snapshots** (store/snapshot.py) are switched to atomically and verified
+  on load; a snapshot that is damaged, newer than the reader's view or of
+  another database is ignored and the matrix rebuilt from SQLite.
+- **Filters** are checked against the type of each field, recorded on upsert
+  in `fields` (widened when values of another type arrive, forgotten only by
+  `clear()`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ragline.config import Settings
-from ragline.store.base import DocumentRecord, Filters, StoreError, check_filters
+from ragline.store import snapshot
+from ragline.store.base import DocumentRecord, Filters, StoreError, check_filters, merge_types, value_type
+from ragline.store.snapshot import Snapshot
 from ragline.types import Chunk, Hit, utc_now
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+BUSY_TIMEOUT_S = 30.0
+"""How long a statement waits for another process's write lock before failing."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -52,10 +79,19 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (field, value, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_seq ON tags(seq);
+CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS chunks_tombstone AFTER DELETE ON chunks
+BEGIN
+    INSERT INTO tombstones(seq) VALUES (old.seq);
+END;
+CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, type TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0');
 INSERT OR IGNORE INTO meta(key, value) VALUES ('store_id', lower(hex(randomblob(8))));
+INSERT OR IGNORE INTO meta(key, value) VALUES ('tombstone_floor', '0');
 """
+INTERNAL_META = ("generation", "store_id", "tombstone_floor")
+"""Meta keys that belong to the store itself and survive `clear()`."""
 
 
 def _tags(seq: int, metadata: dict) -> Iterator[tuple[str, object, int]]:
@@ -66,50 +102,67 @@ def _tags(seq: int, metadata: dict) -> Iterator[tuple[str, object, int]]:
                 yield name, item, seq
 
 
-def _filter_sql(filters: Filters | None) -> tuple[str, list]:
+def _filter_sql(wanted: dict[str, list]) -> tuple[str, list]:
     """A query for the seqs of matching chunks, answered from the tag index, not by a table scan.
 
     Conditions on different fields must all hold; a list-valued field
     matches when any of its elements is among the wanted values.
     """
     selects, params = [], []
-    for name, (op, operand) in check_filters(filters).items():
-        values = operand if op == "in" else [operand]
+    for name, values in wanted.items():
         selects.append(f"SELECT seq FROM tags WHERE field = ? AND value IN ({','.join('?' * len(values))})")
         params += [name, *values]
     return " INTERSECT ".join(selects) or "SELECT seq FROM chunks", params
 
 
+def _int_column(rows: Iterable[tuple[int]]) -> np.ndarray:
+    return np.fromiter((value for (value,) in rows), dtype=np.int64)
+
+
 class LocalStore:
-    """SQLite + in-memory matrix; safe for one writer process and many readers."""
+    """SQLite + in-memory matrix; safe for writer and reader processes side by side."""
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "store.sqlite"
         self._snapshot_dir = data_dir / "index"
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._generation = -1
-        self._seqs = np.zeros(0, dtype=np.int64)
-        self._matrix: np.ndarray | None = None
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            self._create_schema()
+        self._mirror: Snapshot | None = None
+        """The matrix of the last state this handle read; replaced whole, never changed in place."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalStore:
         return cls(settings.data_dir)
 
+    def _create_schema(self) -> None:
+        """Create the tables, or bring a database of an earlier version up to date (learning its field types)."""
+        with self._lock:
+            try:
+                self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};")
+                metadata = (json.loads(text) for (text,) in self._db.execute("SELECT metadata FROM chunks"))
+                self._record_fields(self._db, metadata)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
     # -- writes -------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, changes_chunks: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+                if changes_chunks:
+                    self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -124,6 +177,18 @@ class LocalStore:
             raise StoreError(
                 f"the index holds {row[0]}-d vectors but the embedder gives {dim}-d: rebuild with `ragline ingest --full`"
             )
+
+    def _record_fields(self, db: sqlite3.Connection, metadatas: Iterable[dict]) -> None:
+        """Widen the recorded type of each filterable field by the values in `metadatas`."""
+        known = dict(db.execute("SELECT name, type FROM fields"))
+        changed: dict[str, str] = {}
+        for metadata in metadatas:
+            for name, value in metadata.items():
+                seen = value_type(value)
+                current = changed.get(name, known.get(name))
+                if seen is not None and seen != current:
+                    changed[name] = seen if current is None else merge_types(current, seen)
+        db.executemany("INSERT OR REPLACE INTO fields(name, type) VALUES (?, ?)", changed.items())
 
     def upsert_document(self, record: DocumentRecord, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
         if len(chunks) != len(vectors):
@@ -152,6 +217,15 @@ class LocalStore:
                 "INSERT OR IGNORE INTO tags(field, value, seq) VALUES (?, ?, ?)",  # a list may repeat a value
                 (tag for chunk in chunks for tag in _tags(seqs[chunk.chunk_id], chunk.metadata)),
             )
+            self._record_fields(db, (chunk.metadata for chunk in chunks))
+
+    def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
+        with self._transaction(changes_chunks=False) as db:
+            updated = db.execute(
+                "UPDATE documents SET size = ?, mtime_ns = ? WHERE doc_id = ?", (size, mtime_ns, doc_id)
+            ).rowcount
+            if not updated:
+                raise StoreError(f"cannot touch {doc_id!r}: no such document in the manifest")
 
     def delete_document(self, doc_id: str) -> None:
         with self._transaction() as db:
@@ -163,116 +237,137 @@ class LocalStore:
             db.execute("DELETE FROM tags")
             db.execute("DELETE FROM chunks")
             db.execute("DELETE FROM documents")
-            db.execute("DELETE FROM meta WHERE key NOT IN ('generation', 'store_id')")
+            db.execute("DELETE FROM fields")
+            db.execute(f"DELETE FROM meta WHERE key NOT IN ({','.join('?' * len(INTERNAL_META))})", INTERNAL_META)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._transaction() as db:
+        with self._transaction(changes_chunks=False) as db:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     # -- reads --------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every statement inside sees the same committed state."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("COMMIT")
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def documents(self) -> list[DocumentRecord]:
+    def filter_fields(self) -> dict[str, str]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM documents ORDER BY source").fetchall()
+            return dict(self._db.execute("SELECT name, type FROM fields ORDER BY name"))
+
+    def documents(self) -> list[DocumentRecord]:
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM documents ORDER BY source").fetchall()
             chunk_ids: dict[str, list[str]] = {}
-            for doc_id, cid in self._db.execute("SELECT doc_id, chunk_id FROM chunks ORDER BY seq"):
+            for doc_id, cid in db.execute("SELECT doc_id, chunk_id FROM chunks ORDER BY seq"):
                 chunk_ids.setdefault(doc_id, []).append(cid)
         return [DocumentRecord(*row, chunk_ids=chunk_ids.get(row[0], [])) for row in rows]
 
     def count(self, filters: Filters | None = None) -> int:
-        query, params = _filter_sql(filters)
-        with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM ({query})", params).fetchone()[0])
+        with self._reading() as db:
+            query, params = _filter_sql(check_filters(filters, self.filter_fields()))
+            return int(db.execute(f"SELECT COUNT(*) FROM ({query})", params).fetchone()[0])
 
-    def _refresh(self) -> None:
-        """Bring the matrix up to date with the database, reading only rows it lacks."""
-        generation = int(self.get_meta("generation") or 0)
-        if generation == self._generation:
-            return
-        if self._matrix is None:
-            self._load_snapshot()
-        if generation != self._generation:
-            seqs = np.fromiter((s for (s,) in self._db.execute("SELECT seq FROM chunks ORDER BY seq")), dtype=np.int64)
-            keep = np.isin(self._seqs, seqs)
-            new = np.setdiff1d(seqs, self._seqs, assume_unique=True)
-            matrix = self._matrix[keep] if self._matrix is not None else None
-            if len(new):
-                rows = self._db.execute(
-                    f"SELECT vector FROM chunks WHERE seq IN ({','.join(map(str, new.tolist()))}) ORDER BY seq"
-                )
-                added = np.frombuffer(b"".join(blob for (blob,) in rows), dtype=np.float32).reshape(len(new), -1)
-                matrix = added if matrix is None or not len(matrix) else np.concatenate([matrix, added])
-            self._seqs = np.concatenate([self._seqs[keep], new])
-            self._matrix = matrix
-            self._generation = generation
+    def _refresh(self, db: sqlite3.Connection) -> Snapshot:
+        """Bring the mirror up to the state of the open read transaction, reading only what changed."""
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('dim', ?, ?, ?)", INTERNAL_META))
+        generation, store_id = int(meta["generation"]), meta["store_id"]
+        if self._mirror is not None and self._mirror.generation == generation:
+            return self._mirror
+        dim, floor = int(meta.get("dim", 0)), int(meta["tombstone_floor"])
+        mirror = self._mirror or self._trusted(snapshot.load(self._snapshot_dir), store_id, generation)
+        if mirror is None or mirror.dim != dim:  # nothing to start from, or cleared and refilled by another model
+            mirror = Snapshot(store_id, -1, floor, np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
 
-    def _snapshot_tag(self) -> str:
-        return f"{self.get_meta('store_id')} {self._generation}"
+        keep = np.ones(len(mirror.seqs), dtype=bool)
+        if len(mirror.seqs) and mirror.tombstone < floor:  # the tombstones it lacks were compacted away
+            keep = np.isin(mirror.seqs, _int_column(db.execute("SELECT seq FROM chunks")))
+        elif len(mirror.seqs):
+            gone = _int_column(db.execute("SELECT seq FROM tombstones WHERE id > ?", (mirror.tombstone,)))
+            keep = ~np.isin(mirror.seqs, gone)
+        last_seq = int(mirror.seqs[-1]) if len(mirror.seqs) else 0
+        rows = db.execute("SELECT seq, vector FROM chunks WHERE seq > ? ORDER BY seq", (last_seq,)).fetchall()
+        tombstone = db.execute("SELECT MAX(id) FROM tombstones").fetchone()[0] or 0
 
-    def _load_snapshot(self) -> None:
-        """Start from the last persisted matrix of this same database, if any.
+        seqs, matrix = mirror.seqs, mirror.matrix
+        if not keep.all():
+            seqs, matrix = seqs[keep], matrix[keep]
+        if rows:
+            added = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim)
+            seqs = np.concatenate([seqs, np.array([seq for seq, _ in rows], dtype=np.int64)])
+            matrix = np.concatenate([matrix, added])
+        self._mirror = Snapshot(store_id, generation, max(tombstone, floor), seqs, matrix)
+        return self._mirror
 
-        Rows are never updated in place (a changed document gets new rows)
-        and sequence numbers are never reused, so an older snapshot is a
-        valid starting point for the incremental refresh.
-        """
-        try:
-            store_id, generation = (self._snapshot_dir / "generation").read_text().split()
-            if store_id != self.get_meta("store_id"):
-                return
-            seqs = np.load(self._snapshot_dir / "seqs.npy")
-            matrix = np.load(self._snapshot_dir / "vectors.npy", mmap_mode="r")
-        except (OSError, ValueError):
-            return
-        if len(seqs) == len(matrix):
-            self._seqs, self._matrix, self._generation = seqs, matrix, int(generation)
+    @staticmethod
+    def _trusted(saved: Snapshot | None, store_id: str, generation: int) -> Snapshot | None:
+        """A loaded snapshot if it can be the start of this database's refresh; rows are never updated in place,
+        so any earlier state of the same database is."""
+        if saved is None:
+            return None
+        problem = (
+            "it belongs to another database" if saved.store_id != store_id
+            else "it is newer than this reader's view of the database" if saved.generation > generation
+            else None
+        )
+        if problem:
+            log.info("not starting from the search snapshot: %s; reading the vectors from the database", problem)
+            return None
+        return saved
 
     def persist(self) -> None:
-        with self._lock:
-            self._refresh()
-            if self._matrix is None:
-                return
-            self._snapshot_dir.mkdir(exist_ok=True)
-            for name, array in (("seqs.npy", self._seqs), ("vectors.npy", self._matrix)):
-                tmp = self._snapshot_dir / f".{name}.tmp"
-                with open(tmp, "wb") as handle:
-                    np.save(handle, array)
-                tmp.replace(self._snapshot_dir / name)
-            (self._snapshot_dir / ".generation.tmp").write_text(self._snapshot_tag())
-            (self._snapshot_dir / ".generation.tmp").replace(self._snapshot_dir / "generation")
+        """Snapshot the mirror (see store/snapshot.py), then drop the tombstones it covers."""
+        with self._reading() as db:
+            mirror = self._refresh(db)
+        snapshot.write(self._snapshot_dir, mirror)
+        with self._transaction(changes_chunks=False) as db:
+            db.execute("DELETE FROM tombstones WHERE id <= ?", (mirror.tombstone,))
+            db.execute(
+                "UPDATE meta SET value = max(CAST(value AS INTEGER), ?) WHERE key = 'tombstone_floor'",
+                (mirror.tombstone,),
+            )
 
     def search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        with self._lock:
-            self._refresh()
-            if self._matrix is None or not len(self._matrix):
+        with self._reading() as db:
+            wanted = check_filters(filters, self.filter_fields()) if filters is not None else {}
+            mirror = self._refresh(db)
+            if not len(mirror.seqs):
                 return []
-            if query.shape[0] != self._matrix.shape[1]:
-                raise StoreError(f"query has {query.shape[0]} dims, the index {self._matrix.shape[1]}")
-            scores = self._matrix @ query
-            if filters:
-                query_sql, params = _filter_sql(filters)
-                allowed = np.fromiter((s for (s,) in self._db.execute(query_sql, params)), dtype=np.int64)
-                scores = np.where(np.isin(self._seqs, allowed), scores, -np.inf)
+            if query.shape[0] != mirror.dim:
+                raise StoreError(f"query has {query.shape[0]} dims, the index {mirror.dim}")
+            scores = mirror.matrix @ query
+            if wanted:
+                query_sql, params = _filter_sql(wanted)
+                scores = np.where(np.isin(mirror.seqs, _int_column(db.execute(query_sql, params))), scores, -np.inf)
             k = min(k, len(scores))
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top])]
             top = top[np.isfinite(scores[top])]
             if not len(top):
                 return []
-            wanted = self._seqs[top].tolist()
-            rows = self._db.execute(
-                f"SELECT seq, chunk_id, doc_id, text, metadata FROM chunks WHERE seq IN ({','.join(map(str, wanted))})"
+            wanted_seqs = mirror.seqs[top].tolist()
+            listed = ",".join(map(str, wanted_seqs))
+            rows = db.execute(
+                f"SELECT seq, chunk_id, doc_id, text, metadata FROM chunks WHERE seq IN ({listed})"
             ).fetchall()
         by_seq = {row[0]: row for row in rows}
         return [
             Hit(Chunk(row[1], row[2], row[3], json.loads(row[4])), float(scores[i]))
-            for i, seq in zip(top.tolist(), wanted)
+            for i, seq in zip(top.tolist(), wanted_seqs)
             if (row := by_seq.get(seq)) is not None
         ]
 
