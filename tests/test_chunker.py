@@ -48,6 +48,22 @@ def test_chunks_cover_text_fit_budget_and_overlap_little(tokenizer, text, headin
         assert chunker.count_tokens(shared) <= overlap + 1  # +1: a word split at the edge
 
 
+PREFIX = "Represent this passage for retrieving supporting documents: "
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT, headings=HEADINGS, chunk_tokens=st.integers(64, 256))
+def test_the_document_prefix_counts_in_the_budget(tokenizer, text, headings, chunk_tokens):
+    chunker = Chunker(tokenizer, chunk_tokens, 8, document_prefix=PREFIX)
+    for chunk in chunker.chunk(Document("d", "x.md", "u", "markdown", "T", [make_section(text, headings)])):
+        assert len(tokenizer.encode(PREFIX + chunk.embed_text).ids) <= chunk_tokens  # what the model sees
+
+
+def test_a_prefix_that_leaves_no_room_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="document_prefix"):
+        Chunker(tokenizer, 32, 4, document_prefix=PREFIX)
+
+
 def test_overlap_is_used_on_long_prose(tokenizer):
     sentence = "Ray Data streams blocks between operators so memory stays bounded. "
     chunker = Chunker(tokenizer, 64, 16)

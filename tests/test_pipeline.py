@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ragline.app import Ragline
-from ragline.config import Settings, SourceSettings
-from ragline.pipeline import IngestError
+from ragline.config import DEFAULT_SECRET_EXCLUDES, Settings, SourceSettings
+from ragline.pipeline import IngestError, document_id
 
 
 @pytest.fixture
@@ -33,8 +33,8 @@ def corpus(tmp_path: Path) -> Path:
 def make_app(tmp_path: Path, embedder):
     apps = []
 
-    def _make(**ingest) -> Ragline:
-        settings = Settings(data_dir=tmp_path / "index", ingest=ingest or {})
+    def _make(embedder_settings: dict | None = None, **ingest) -> Ragline:
+        settings = Settings(data_dir=tmp_path / "index", ingest=ingest or {}, embedder=embedder_settings or {})
         app = Ragline(settings)
         app.__dict__["embedder"] = embedder  # share the session's loaded model
         apps.append(app)
@@ -62,7 +62,7 @@ def test_first_run_indexes_supported_files_with_urls(corpus, make_app):
     hit = app.retriever.search("how big should the embedding batch be?", k=1).hits[0]
     assert hit.chunk.citation_url == "https://docs.example.org/guide/tuning.html#batch-size"
     assert hit.chunk.metadata["heading_path"] == ["Tuning", "Batch size"]
-    assert hit.chunk.metadata["source"] == str(corpus / "guide" / "tuning.md")
+    assert hit.chunk.metadata["source"] == "guide/tuning.md"  # relative to its root: no host path
 
 
 def test_rerun_changes_nothing(corpus, make_app):
@@ -153,3 +153,152 @@ def test_index_built_with_another_model_needs_full(corpus, make_app):
     with pytest.raises(IngestError, match="--full"):
         app.indexer().run([SourceSettings(path=corpus)])
     assert len(app.indexer().run([SourceSettings(path=corpus)], full=True).new) == 3
+
+
+def test_a_touched_file_is_hashed_once_then_skipped_by_its_saved_mtime(corpus, make_app):
+    app = make_app()
+    app.indexer().run([SourceSettings(path=corpus)])
+    notes = corpus / "notes.txt"
+    os.utime(notes, ns=(notes.stat().st_atime_ns, notes.stat().st_mtime_ns + 5_000_000_000))
+    assert app.indexer().run([SourceSettings(path=corpus)]).unchanged == 3
+    record = next(r for r in app.store.documents() if r.doc_id == document_id(notes))
+    assert record.mtime_ns == notes.stat().st_mtime_ns  # so the next run skips it without reading it
+
+
+def test_changing_the_document_prefix_reindexes(corpus, make_app):
+    make_app().indexer().run([SourceSettings(path=corpus)])
+    app = make_app({"document_prefix": "passage: "})
+    report = app.indexer().run([SourceSettings(path=corpus)])
+    assert len(report.changed) == 3 and report.unchanged == 0
+
+
+@pytest.mark.parametrize("pattern", [".github/*", "./.github/*", ".github/workflows/*.md"])
+def test_exclude_patterns_match_relative_paths_with_a_leading_dot(corpus, make_app, pattern):
+    (corpus / ".github" / "workflows").mkdir(parents=True)
+    (corpus / ".github" / "workflows" / "ci.md").write_text("# CI\n\nThe pipeline runs on every push.\n")
+    app = make_app(exclude=[pattern, "./notes.txt"])  # the defaults (".*" among them) replaced
+    report = app.indexer().run([SourceSettings(path=corpus)])
+    indexed = {Path(p).relative_to(corpus).as_posix() for p in report.new}
+    assert indexed == {"guide/install.md", "guide/tuning.md", ".hidden.md"}
+
+
+def test_a_sync_of_the_configured_sources_drops_roots_no_longer_listed(corpus, make_app, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "extra.md").write_text("# Extra\n\nThe lighthouse keeper counts ships at dawn.\n")
+    app = make_app()
+    app.indexer().run([SourceSettings(path=corpus), SourceSettings(path=other)])
+    report = app.indexer().run([SourceSettings(path=corpus)])  # explicit paths: only these roots are synced
+    assert report.deleted == []
+    report = app.indexer().run([SourceSettings(path=corpus)], prune_other_roots=True)  # ingest.sources
+    assert [Path(p).name for p in report.deleted] == ["extra.md"]
+    assert not any("lighthouse" in h.chunk.text for h in app.retriever.search("lighthouse keeper", k=10).hits)
+    assert len(app.store.documents()) == 3
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_like_any_other(corpus, make_app):
+    name = os.fsdecode(b"caf\xe9-menu.txt")
+    (corpus / name).write_text("The cafe menu lists espresso, cortado and flat white.\n")
+    app = make_app()
+    report = app.indexer().run([SourceSettings(path=corpus, url_template="https://x.org/{path}")])
+    assert report.failed == [] and len(report.new) == 4
+    hit = app.retriever.search("which coffees are on the menu?", k=1).hits[0]
+    assert hit.chunk.metadata["source"] == "caf\\xe9-menu.txt"
+    assert hit.chunk.citation_url == "https://x.org/caf\\xe9-menu"
+    (corpus / name).unlink()
+    assert [Path(p).name for p in app.indexer().run([SourceSettings(path=corpus)]).deleted] == ["caf\\xe9-menu.txt"]
+
+
+def test_an_embedding_error_fails_only_the_file_at_fault(corpus, make_app, embedder):
+    from scripted_llm_server import Reply, ScriptedLLMServer
+
+    from ragline.embed.openai_compat import OpenAIEmbedder
+
+    def answer(body: dict) -> Reply:
+        if any("TOO-LONG" in text for text in body["input"]):
+            return Reply(400, {"error": {"message": "input too long for the model"}})
+        vectors = embedder.embed_documents(body["input"])
+        return Reply(200, {"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]})
+
+    (corpus / "guide" / "long.md").write_text("# Long\n\nTOO-LONG for the remote model, it says.\n")
+    with ScriptedLLMServer(fallback=answer) as server:
+        app = make_app({"backend": "openai", "model": "minilm", "base_url": server.url})
+        app.__dict__["embedder"] = OpenAIEmbedder(app.settings.embedder)
+        report = app.indexer().run([SourceSettings(path=corpus)])
+    assert [(Path(p).name, "input too long" in reason) for p, reason in report.failed] == [("long.md", True)]
+    assert sorted(Path(p).name for p in report.new) == ["install.md", "notes.txt", "tuning.md"]
+    assert report.chunks == app.store.count() > 0
+
+
+def test_an_unreachable_embedding_server_stops_the_run_without_failing_files(corpus, make_app, embedder):
+    """A server that is down is no file's fault: the run ends with the reason, a re-run finishes the job."""
+    from scripted_llm_server import Reply, ScriptedLLMServer
+
+    from ragline.embed.openai_compat import OpenAIEmbedder
+
+    up = {"answering": True}
+
+    def answer(body: dict) -> Reply:
+        if not up["answering"]:
+            return Reply(503, {"error": {"message": "overloaded"}})
+        vectors = embedder.embed_documents(body["input"])
+        return Reply(200, {"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]})
+
+    with ScriptedLLMServer(fallback=answer) as server:
+        settings = {"backend": "openai", "model": "minilm", "base_url": server.url, "dimensions": embedder.dim}
+        app = make_app(settings)
+        app.__dict__["embedder"] = OpenAIEmbedder(app.settings.embedder)
+        up["answering"] = False
+        with pytest.raises(IngestError, match="embedding server.*503"):
+            app.indexer().run([SourceSettings(path=corpus)])
+        assert [r for r in app.store.documents() if r.status == "failed"] == []
+        up["answering"] = True
+        report = app.indexer().run([SourceSettings(path=corpus)])
+    assert report.failed == [] and len(report.new) == 3
+
+
+def test_links_out_of_the_folder_are_not_followed_and_loops_end(corpus, make_app, tmp_path):
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "salaries.txt").write_text("The secret salary table of the company.\n")
+    (corpus / "leak.txt").symlink_to(outside / "salaries.txt")
+    (corpus / "leakdir").symlink_to(outside, target_is_directory=True)
+    (corpus / "guide" / "loop").symlink_to(corpus, target_is_directory=True)
+    (corpus / "alias.txt").symlink_to(corpus / "notes.txt")  # inside the folder: followed
+    app = make_app()
+    report = app.indexer().run([SourceSettings(path=corpus)])
+    skipped = {Path(p).name: reason for p, reason in report.skipped}
+    assert set(skipped) == {"leak.txt", "leakdir", "loop"}
+    assert "outside the ingested folder" in skipped["leak.txt"] and "outside" in skipped["leakdir"]
+    assert "inside the ingested folder" in skipped["loop"]
+    assert sorted(Path(p).name for p in report.new) == ["alias.txt", "install.md", "notes.txt", "tuning.md"]
+    assert not any("salary" in h.chunk.text for h in app.retriever.search("salary table", k=10).hits)
+
+
+def test_secrets_are_skipped_by_name_and_private_keys_by_content(corpus, make_app):
+    for name in ["id_rsa", ".env", "server.pem", "tls.key", "credentials", "store.p12", "deploy.txt"]:
+        (corpus / name).write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n")
+    (corpus / "passwords.md").write_text("# Passwords\n\nroot: hunter2\n")
+    app = make_app(exclude_secrets=[*DEFAULT_SECRET_EXCLUDES, "passwords.*"])
+    report = app.indexer().run([SourceSettings(path=corpus)])
+    skipped = {Path(p).name for p, reason in report.skipped if "ingest.exclude_secrets" in reason}
+    assert skipped == {"id_rsa", ".env", "server.pem", "tls.key", "credentials", "store.p12", "passwords.md"}
+    assert [(Path(p).name, "private key" in reason) for p, reason in report.failed] == [("deploy.txt", True)]
+    assert app.store.count({"source": "deploy.txt"}) == 0
+
+
+def test_a_zip_bomb_is_refused_from_its_directory_before_parsing(corpus, make_app):
+    import zipfile
+
+    from docx import Document as WordDocument
+
+    bomb = corpus / "bomb.docx"
+    WordDocument().save(bomb)
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("word/media/padding.xml", b"<a/>" * 1_000_000)  # 4 MB that deflate to a few KB
+    app = make_app(max_unzipped_mb=2)
+    reasons = dict(app.indexer().run([SourceSettings(path=corpus)]).failed)
+    assert "over the 2 MB limit (ingest.max_unzipped_mb)" in reasons[str(bomb)]
+    app = make_app(max_zip_ratio=50)
+    reasons = dict(app.indexer().run([SourceSettings(path=corpus)], full=True).failed)
+    assert "(ingest.max_zip_ratio)" in reasons[str(bomb)]

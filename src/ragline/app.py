@@ -49,7 +49,10 @@ class Ragline:
                 f"chunker.chunk_tokens ({chunk_tokens}) is over the embedding model's limit "
                 f"({self.embedder.max_tokens}); lower it or leave it unset"
             )
-        return Chunker(self.embedder.tokenizer, chunk_tokens, self.settings.chunker.overlap_tokens)
+        return Chunker(
+            self.embedder.tokenizer, chunk_tokens, self.settings.chunker.overlap_tokens,
+            self.settings.embedder.document_prefix,
+        )
 
     @cached_property
     def retriever(self) -> DenseRetriever:
@@ -59,8 +62,11 @@ class Ragline:
     def answerer(self) -> Answerer:
         return Answerer.from_settings(self.settings.generate, self.settings.data_dir)
 
-    def indexer(self, progress: Progress | None = None) -> Indexer:
-        return Indexer(self.settings.ingest, self.chunker, self.embedder, self.store, progress)
+    def indexer(self, progress: Progress | None = None, wait_s: float | None = None) -> Indexer:
+        """The indexer of this index; `wait_s` queues behind a running ingest for up to that long."""
+        return Indexer(
+            self.settings.ingest, self.chunker, self.embedder, self.store, self.settings.data_dir, progress, wait_s
+        )
 
     def ask(self, question: str, k: int | None = None, filters: Filters | None = None) -> Iterator[QueryEvent]:
         """Answer a question from the index: stage status, answer tokens, then the cited answer."""
@@ -71,11 +77,13 @@ class Ragline:
             yield _query_event(event, retrieval)
 
     async def aask(self, question: str, k: int | None = None, filters: Filters | None = None) -> AsyncIterator[QueryEvent]:
-        """`ask` for the event loop: retrieval runs in a worker thread, generation streams asynchronously."""
+        """`ask` for the event loop: building components (a model may be loaded or assembled), retrieval,
+        routing and prompt building run in worker threads; generation streams asynchronously."""
         yield {"type": "status", "stage": "retrieve"}
-        retrieval = await to_thread.run_sync(self.retriever.search, question, k, filters)
+        retrieval = await to_thread.run_sync(lambda: self.retriever.search(question, k, filters))
         yield {"type": "status", "stage": "generate", "hits": len(retrieval.hits)}
-        async for event in self.answerer.astream(question, retrieval.hits):
+        answerer = await to_thread.run_sync(lambda: self.answerer)
+        async for event in answerer.astream(question, retrieval.hits):
             yield _query_event(event, retrieval)
 
     def close(self) -> None:

@@ -32,6 +32,29 @@ DEFAULT_EXCLUDES = [
     "py-modindex.html",
 ]
 
+DEFAULT_SECRET_EXCLUDES = [
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "*.kdbx",
+    "credentials",
+    "credentials.*",
+    ".git-credentials",
+    ".netrc",
+    ".pgpass",
+    ".htpasswd",
+]
+"""Names of files that hold secrets: never indexed, and reported as skipped (see `ingest.exclude_secrets`)."""
+
 
 class _Strict(BaseModel):
     """A config section that rejects misspelt keys instead of silently ignoring them."""
@@ -80,9 +103,32 @@ class ChunkerSettings(_Strict):
 class IngestSettings(_Strict):
     sources: list[SourceSettings] = Field(default_factory=list)
     max_file_mb: float = Field(default=50.0, gt=0)
-    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDES))
+    exclude: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXCLUDES),
+        description="fnmatch patterns on a name or its path relative to the source folder; skipped silently",
+    )
+    exclude_secrets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SECRET_EXCLUDES),
+        description="patterns of files that hold secrets; skipped and reported. Extend the list, don't drop it",
+    )
     embed_group_chunks: int = Field(
         default=2048, ge=1, description="chunks gathered across files before one embedding call"
+    )
+    parse_workers: int = Field(default=2, ge=1, le=64, description="processes that load and chunk files")
+    file_timeout_s: float = Field(default=120.0, gt=0, description="longest a file may take to parse")
+    file_memory_mb: int = Field(
+        default=2048, ge=64, description="memory a worker may take on top of its baseline to parse one file"
+    )
+    max_unzipped_mb: float = Field(
+        default=500.0, gt=0, description="total uncompressed size of a zip-based file (DOCX), from its directory"
+    )
+    max_zip_ratio: float = Field(
+        default=100.0, gt=1, description="largest uncompressed/compressed size ratio of a zip-based file"
+    )
+    loader_modules: list[str] = Field(
+        default_factory=list,
+        description="modules imported before parsing (in every worker) that add loaders to "
+        "ragline.ingest.loaders.LOADERS",
     )
 
 
@@ -112,6 +158,10 @@ class LLMSettings(_Strict):
     max_tries: int = Field(default=4, ge=1, le=20)
     backoff_initial_s: float = Field(default=0.5, ge=0)
     backoff_max_s: float = Field(default=20.0, ge=0, description="also caps an honoured Retry-After")
+    stream_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="longest wait for more text in a stream; keep-alive comments do not count"
+    )
+    generation_timeout_s: float = Field(default=600.0, gt=0, description="longest one answer may take, local or remote")
     # Local llama.cpp
     n_ctx: int = Field(default=4096, ge=256)
     n_threads: int | None = Field(default=None, ge=1, description="default: all CPU cores")
@@ -145,6 +195,13 @@ class GenerateSettings(_Strict):
 class ServeSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    max_concurrent_generations: int = Field(
+        default=2, ge=1, description="answers generated at once; a local model still writes one at a time"
+    )
+    max_queued_generations: int = Field(
+        default=16, ge=0, description="answers waiting for a turn; beyond that the API answers 503 with Retry-After"
+    )
+    busy_retry_after_s: int = Field(default=5, ge=1, description="the Retry-After of a 503 when the queue is full")
 
 
 class Settings(BaseSettings):

@@ -1,10 +1,12 @@
-"""Incremental, crash-safe indexing: scan → load → chunk → embed → store.
+"""Incremental, crash-safe indexing: scan → compare with the manifest → parse in workers → embed → store.
 
-The stages are plain objects over batches, so a distributed engine can map
-the same calls. Each file's chunks and manifest row are written in one
-store transaction, after its vectors exist, so a run killed at any point
-leaves every file either fully indexed in its old or its new version;
-re-running finishes the job and ends in the state of an uninterrupted run.
+The per-file step (load + chunk) is a pure function run in worker processes
+(`ingest.workers`), so a distributed engine can map the same call. Each
+file's chunks and manifest row are written in one store transaction, after
+its vectors exist, so a run killed at any point leaves every file either
+fully indexed in its old or its new version; re-running finishes the job and
+ends in the state of an uninterrupted run. One run at a time per index: the
+whole run holds `ingest.lock` in the data folder.
 """
 
 from __future__ import annotations
@@ -14,25 +16,29 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ragline.config import IngestSettings, SourceSettings
-from ragline.embed.base import Embedder
+from ragline.embed.base import Embedder, EmbedderUnavailable
 from ragline.ingest.chunker import Chunker
 from ragline.ingest.loaders import loader_for
 from ragline.ingest.loaders.base import LoadError
+from ragline.ingest.parse import ParseJob, ParseResult
+from ragline.ingest.scan import Found, printable, scan
+from ragline.ingest.workers import ParsePool, WorkerError, import_loader_modules
 from ragline.store.base import DocumentRecord, VectorStore
-from ragline.types import Chunk, Document, utc_now
+from ragline.types import Chunk, utc_now
 
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 """Bump when loaders or chunking change what they produce, so every file is re-indexed."""
+
+LOCK_POLL_S = 0.2
 
 
 class IngestError(RuntimeError):
@@ -46,6 +52,7 @@ class IngestReport:
     unchanged: int = 0
     deleted: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     unsupported: int = 0
     chunks: int = 0
     seconds: float = 0.0
@@ -57,12 +64,19 @@ class IngestReport:
 class Progress(Protocol):
     """Where the indexer reports how far it has got (the CLI draws a progress bar)."""
 
+    def waiting(self, message: str) -> None:
+        """Another ingest holds the index; this one waits for it."""
+        ...
+
     def start(self, total_files: int) -> None: ...
 
     def advance(self, path: str) -> None: ...
 
 
 class _Silent:
+    def waiting(self, message: str) -> None:
+        pass
+
     def start(self, total_files: int) -> None:
         pass
 
@@ -71,57 +85,61 @@ class _Silent:
 
 
 @dataclass(slots=True)
-class _Pending:
-    """A file loaded and chunked, waiting for its vectors before it is written."""
+class _Candidate:
+    """A new or changed file on its way through parsing and embedding to the store."""
 
     record: DocumentRecord
-    chunks: list[Chunk]
+    is_new: bool
+    chunks: list[Chunk] = field(default_factory=list)
 
 
 def document_id(path: Path) -> str:
-    return hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:20]
+    """The file's identity: its absolute path, as bytes (a name need not be valid UTF-8)."""
+    return hashlib.sha256(os.fsencode(path)).hexdigest()[:20]
 
 
-def file_url(path: Path, root: Path, url_template: str | None) -> str:
+def file_url(path: Path, relative: str, url_template: str | None) -> str:
     """The public URL of a file: the template with {path} (relative, no suffix), else a file:// URI."""
     if not url_template:
         return path.as_uri()
-    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
-    return url_template.replace("{path}", relative.with_suffix("").as_posix())
+    return url_template.replace("{path}", Path(relative).with_suffix("").as_posix())
 
 
-def scan(root: Path, exclude: list[str]) -> Iterator[Path]:
-    """Files under `root` in a stable order, skipping excluded names and relative paths."""
-    if root.is_file():
-        yield root
-        return
-
-    def excluded(relative: str, name: str) -> bool:
-        return any(fnmatch(name, pattern) or fnmatch(relative, pattern) for pattern in exclude)
-
-    for directory, dirnames, filenames in os.walk(root):
-        base = Path(directory)
-        rel_dir = base.relative_to(root).as_posix()
-        dirnames[:] = sorted(d for d in dirnames if not excluded(f"{rel_dir}/{d}".lstrip("./"), d))
-        for name in sorted(filenames):
-            if not excluded(f"{rel_dir}/{name}".lstrip("./"), name):
-                yield base / name
-
-
-def is_under(source: str, root: Path) -> bool:
-    return source == str(root) or source.startswith(str(root) + os.sep)
+def is_under(source: str, root: str) -> bool:
+    return source == root or source.startswith(root.rstrip(os.sep) + os.sep)
 
 
 @contextmanager
-def ingest_lock(data_dir: Path) -> Iterator[None]:
-    """One ingest at a time per index; a second one fails fast instead of interleaving writes."""
+def ingest_lock(
+    data_dir: Path, wait_s: float | None = None, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold the index for one ingest. Another holder makes this fail at once, or wait up to `wait_s`."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "ingest.lock", "w") as handle:
+    with open(data_dir / "ingest.lock", "a+") as handle:
+        deadline = time.monotonic() + (wait_s or 0)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                running = f"another ingest{f' (pid {holder})' if holder else ''} is running on {data_dir}"
+                if wait_s is None:
+                    raise IngestError(f"{running}; wait for it to finish, or re-run with --wait") from None
+                if time.monotonic() >= deadline:
+                    raise IngestError(f"{running} and did not finish within {wait_s:g} s (--wait-timeout)") from None
+                if on_wait is not None:
+                    on_wait(f"waiting for {running} (up to {wait_s:g} s)")
+                    on_wait = None  # say it once
+                time.sleep(LOCK_POLL_S)
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise IngestError(f"another ingest is running on {data_dir}; wait for it to finish") from exc
-        yield
+            yield
+        finally:
+            handle.truncate(0)
 
 
 class Indexer:
@@ -133,60 +151,78 @@ class Indexer:
         chunker: Chunker,
         embedder: Embedder,
         store: VectorStore,
+        data_dir: Path,
         progress: Progress | None = None,
+        wait_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.chunker = chunker
         self.embedder = embedder
         self.store = store
+        self.data_dir = data_dir
         self.progress = progress or _Silent()
-        self._pending: list[_Pending] = []
+        self.wait_s = wait_s
+        self._pending: list[_Candidate] = []
         self._pending_chunks = 0
 
-    def fingerprint(self, source: SourceSettings) -> str:
+    def fingerprint(self, source: SourceSettings, root: Path) -> str:
         """What, besides file content, decides a file's chunks; a change re-indexes the file."""
         parts = {
             "pipeline": PIPELINE_VERSION,
             "embedder": self.embedder.name,
+            "document_prefix": self.chunker.document_prefix,
             "chunk_tokens": self.chunker.chunk_tokens,
             "overlap_tokens": self.chunker.overlap_tokens,
             "url_template": source.url_template,
+            "root": printable(root),  # chunk sources are relative to it
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
-    def plan(self, sources: list[SourceSettings]) -> list[tuple[SourceSettings, Path, list[Path]]]:
+    def plan(self, sources: list[SourceSettings]) -> list[tuple[SourceSettings, Path, list[Found]]]:
         """Resolve the sources and list their files; a missing source is an error, not a deletion."""
         planned = []
         for source in sources:
             root = source.path.expanduser().resolve()
             if not root.exists():
                 raise IngestError(f"{source.path} does not exist; check the path (nothing was changed)")
-            planned.append((source, root, list(scan(root, self.settings.exclude))))
+            found = list(scan(root, self.settings.exclude, self.settings.exclude_secrets))
+            planned.append((source, root, found))
         return planned
 
-    def run(self, sources: list[SourceSettings], full: bool = False) -> IngestReport:
+    def run(self, sources: list[SourceSettings], full: bool = False, prune_other_roots: bool = False) -> IngestReport:
+        """Sync the index with `sources`; `prune_other_roots` also drops files of roots not among them."""
+        with ingest_lock(self.data_dir, self.wait_s, self.progress.waiting):
+            return self._run(sources, full, prune_other_roots)
+
+    def _run(self, sources: list[SourceSettings], full: bool, prune_other_roots: bool) -> IngestReport:
         started = time.perf_counter()
         report = IngestReport()
+        try:
+            import_loader_modules(self.settings)
+        except WorkerError as exc:
+            raise IngestError(str(exc)) from exc
         planned = self.plan(sources)
         self._check_embedder(full)
-        self.progress.start(sum(len(paths) for _, _, paths in planned))
+        self.progress.start(sum(len(found) for _, _, found in planned))
         if full:
             self.store.clear()
         self.store.set_meta("embedder", self.embedder.name)
         manifest = {record.doc_id: record for record in self.store.documents()}
-        for source, root, paths in planned:
-            fingerprint = self.fingerprint(source)
-            seen = set()
-            for path in paths:
-                doc_id = document_id(path)
-                seen.add(doc_id)
-                self._visit(path, root, source, fingerprint, manifest.get(doc_id), report)
-                self.progress.advance(str(path))
-            for record in manifest.values():
-                if record.doc_id not in seen and is_under(record.source, root):
-                    self.store.delete_document(record.doc_id)
-                    report.deleted.append(record.source)
+        seen: set[str] = set()
+        try:
+            with ParsePool(self.settings, self.chunker) as pool:
+                for candidate, result in pool.map(self._compare(planned, manifest, seen, report)):
+                    self._accept(candidate, result, report)
+        except WorkerError as exc:
+            raise IngestError(str(exc)) from exc
         self._flush(report)
+        roots = {printable(root) for _, root, _ in planned}
+        for record in manifest.values():
+            gone = any(is_under(record.source, root) for root in roots)
+            dropped_root = prune_other_roots and record.root not in roots
+            if record.doc_id not in seen and (gone or dropped_root):
+                self.store.delete_document(record.doc_id)
+                report.deleted.append(record.source)
         self.store.persist()
         report.seconds = round(time.perf_counter() - started, 3)
         self.store.set_meta("last_ingest", json.dumps({"at": utc_now(), **report.to_dict()}))
@@ -200,65 +236,70 @@ class Indexer:
                 f"{self.embedder.name!r}: re-run with --full to rebuild it"
             )
 
-    def _visit(
+    def _compare(
         self,
-        path: Path,
+        planned: list[tuple[SourceSettings, Path, list[Found]]],
+        manifest: dict[str, DocumentRecord],
+        seen: set[str],
+        report: IngestReport,
+    ) -> Iterator[tuple[_Candidate | None, ParseJob | None]]:
+        """Each file that needs parsing, with its job; the others are settled here (unchanged, skipped…)."""
+        for source, root, found in planned:
+            fingerprint = self.fingerprint(source, root)
+            for item in found:
+                shown = printable(item.path)
+                if item.skipped:
+                    report.skipped.append((shown, item.skipped))
+                    self.progress.advance(shown)
+                    continue
+                if loader_for(item.path) is None:
+                    report.unsupported += 1
+                    self.progress.advance(shown)
+                    continue
+                doc_id = document_id(item.path)
+                seen.add(doc_id)
+                job = self._job(item, root, source, doc_id, fingerprint, manifest.get(doc_id), report)
+                if job is None:
+                    self.progress.advance(shown)
+                    continue
+                yield job
+
+    def _job(
+        self,
+        item: Found,
         root: Path,
         source: SourceSettings,
+        doc_id: str,
         fingerprint: str,
         known: DocumentRecord | None,
         report: IngestReport,
-    ) -> None:
-        found = loader_for(path)
-        if found is None:
-            report.unsupported += 1
-            return
+    ) -> tuple[_Candidate, ParseJob] | None:
+        """The parse job of a new or changed file; None when it is unchanged or cannot be read."""
         try:
-            stat = path.stat()
+            stat = item.path.stat()
         except OSError as exc:
-            report.failed.append((str(path), f"cannot read: {exc.strerror}"))
-            return
-        if (
-            known is not None
-            and known.status == "indexed"
-            and known.size == stat.st_size
-            and known.mtime_ns == stat.st_mtime_ns
-            and known.fingerprint == fingerprint
-        ):
+            report.failed.append((printable(item.path), f"cannot read: {exc.strerror}"))
+            return None
+        indexed = known is not None and known.status == "indexed" and known.fingerprint == fingerprint
+        if indexed and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             report.unchanged += 1
-            return
+            return None
         record = DocumentRecord(
-            doc_id=document_id(path), source=str(path), root=str(root), size=stat.st_size,
+            doc_id=doc_id, source=printable(item.path), root=printable(root), size=stat.st_size,
             mtime_ns=stat.st_mtime_ns, sha256="", fingerprint=fingerprint,
         )
         try:
-            data = self._read(path, stat.st_size)
-            record.sha256 = hashlib.sha256(data).hexdigest()
-            if known is not None and known.status == "indexed" and (known.sha256, known.fingerprint) == (
-                record.sha256, fingerprint,
-            ):
-                report.unchanged += 1
-                return
-            format_name, load = found
-            parsed = load(data, path)
-            document = Document(
-                doc_id=record.doc_id, source=str(path), url=file_url(path, root, source.url_template),
-                format=format_name, title=parsed.title, sections=parsed.sections,
-            )
-            chunks = self.chunker.chunk(document)
-            if not chunks:
-                raise LoadError("no text to index")
+            data = self._read(item.path, stat.st_size)
         except LoadError as exc:
             self._fail(record, str(exc), report)
-            return
-        except Exception as exc:  # a loader library failing on odd input must not end the batch
-            self._fail(record, f"{type(exc).__name__}: {exc}", report)
-            return
-        (report.changed if known is not None else report.new).append(str(path))
-        self._pending.append(_Pending(record, chunks))
-        self._pending_chunks += len(chunks)
-        if self._pending_chunks >= self.settings.embed_group_chunks:
-            self._flush(report)
+            return None
+        record.sha256 = hashlib.sha256(data).hexdigest()
+        if indexed and known.sha256 == record.sha256:
+            self.store.touch_document(doc_id, stat.st_size, stat.st_mtime_ns)  # touched, not changed
+            report.unchanged += 1
+            return None
+        url = file_url(item.path, item.relative, source.url_template)
+        return _Candidate(record, is_new=known is None), ParseJob(doc_id, item.relative, url, data)
 
     def _read(self, path: Path, size: int) -> bytes:
         limit = int(self.settings.max_file_mb * 1024 * 1024)
@@ -271,6 +312,18 @@ class Indexer:
         except OSError as exc:
             raise LoadError(f"cannot read: {exc.strerror}") from exc
 
+    def _accept(self, candidate: _Candidate, result: ParseResult, report: IngestReport) -> None:
+        """Queue a parsed file for embedding (or record why it failed); embed when the group is full."""
+        self.progress.advance(candidate.record.source)
+        if result.error:
+            self._fail(candidate.record, result.error, report)
+            return
+        candidate.chunks = result.chunks
+        self._pending.append(candidate)
+        self._pending_chunks += len(result.chunks)
+        if self._pending_chunks >= self.settings.embed_group_chunks:
+            self._flush(report)
+
     def _fail(self, record: DocumentRecord, reason: str, report: IngestReport) -> None:
         """Record the failure (dropping any chunks of an older version) and go on with the batch."""
         record.status, record.error = "failed", reason
@@ -279,14 +332,36 @@ class Indexer:
 
     def _flush(self, report: IngestReport) -> None:
         """Embed every waiting chunk in one call (the model stays busy), then write file by file."""
-        if not self._pending:
+        group, self._pending, self._pending_chunks = self._pending, [], 0
+        for candidate, vectors in self._embed(group):
+            if isinstance(vectors, str):
+                self._fail(candidate.record, vectors, report)
+                continue
+            self.store.upsert_document(candidate.record, candidate.chunks, vectors)
+            (report.new if candidate.is_new else report.changed).append(candidate.record.source)
+            report.chunks += len(candidate.chunks)
+
+    def _embed(self, group: list[_Candidate]) -> Iterator[tuple[_Candidate, np.ndarray | str]]:
+        """The vectors of each file, or why it has none: a group the embedder rejects is halved
+        until the files at fault are found, so one file's error never fails the others. An
+        embedder that is down is no file's fault: the run stops, and a re-run picks up from here."""
+        if not group:
             return
-        texts = [chunk.embed_text for item in self._pending for chunk in item.chunks]
-        vectors = self.embedder.embed_documents(texts)
+        texts = [chunk.embed_text for candidate in group for chunk in candidate.chunks]
+        try:
+            vectors = self.embedder.embed_documents(texts)
+        except EmbedderUnavailable as exc:
+            raise IngestError(f"{exc}; the files written so far are kept: re-run when it is back") from exc
+        except Exception as exc:  # a remote 400 ("input too long"), a model error on odd input
+            if len(group) == 1:
+                yield group[0], f"embedding failed: {exc}"
+                return
+            middle = len(group) // 2
+            yield from self._embed(group[:middle])
+            yield from self._embed(group[middle:])
+            return
         offset = 0
-        for item in self._pending:
-            count = len(item.chunks)
-            self.store.upsert_document(item.record, item.chunks, vectors[offset : offset + count])
+        for candidate in group:
+            count = len(candidate.chunks)
+            yield candidate, vectors[offset : offset + count]
             offset += count
-            report.chunks += count
-        self._pending, self._pending_chunks = [], 0

@@ -9,7 +9,11 @@ from tokenizers import Tokenizer
 
 
 class EmbedderError(RuntimeError):
-    """The embedding model could not be loaded or did not answer."""
+    """The embedding model could not be loaded, did not answer, or rejected an input."""
+
+
+class EmbedderUnavailable(EmbedderError):
+    """The embedding service is unreachable or kept failing after its retries: no input is at fault."""
 
 
 @runtime_checkable

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 
 from ragline.config import EmbedderSettings
-from ragline.embed.base import EmbedderError, load_tokenizer, normalize
+from ragline.embed.base import EmbedderError, EmbedderUnavailable, load_tokenizer, normalize
 from ragline.embed.sentence_transformer import resolve_model_dir
 from tenacity import RetryError, Retrying
 
@@ -60,7 +60,7 @@ class OpenAIEmbedder:
         try:
             return Retrying(**retry_policy(RETRY_ATTEMPTS))(call)
         except RetryError as exc:
-            raise EmbedderError(
+            raise EmbedderUnavailable(
                 f"embedding server {self._client.base_url} failed after {RETRY_ATTEMPTS} tries: "
                 f"{exc.last_attempt.exception()}"
             ) from exc

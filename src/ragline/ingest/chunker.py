@@ -2,9 +2,10 @@
 
 Splitting is recursive on paragraph → line → sentence → word boundaries
 (semantic-text-splitter), with size and overlap counted in tokens of the
-embedding model's own tokenizer. The budget includes the heading path that
-is prepended to every chunk's embedded text and the model's special tokens,
-so nothing the model sees is truncated.
+embedding model's own tokenizer. The budget includes the embedder's
+document prefix (e.g. `passage: `), the heading path that is prepended to
+every chunk's embedded text and the model's special tokens, so nothing the
+model sees is truncated.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def chunk_id(doc_id: str, text_hash: str, occurrence: int) -> str:
 class Chunker:
     """Token-bounded, section-aware chunking with overlap."""
 
-    def __init__(self, tokenizer: Tokenizer, chunk_tokens: int, overlap_tokens: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, chunk_tokens: int, overlap_tokens: int, document_prefix: str = ""
+    ) -> None:
         if overlap_tokens >= chunk_tokens // 2:
             raise ValueError(
                 f"overlap_tokens ({overlap_tokens}) must be less than half of chunk_tokens ({chunk_tokens})"
@@ -41,6 +44,13 @@ class Chunker:
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
+        self.document_prefix = document_prefix
+        self._reserved = SPECIAL_TOKENS + (self.count_tokens(document_prefix) if document_prefix else 0)
+        if self._reserved >= chunk_tokens // 4:
+            raise ValueError(
+                f"the embedder's document_prefix takes {self._reserved - SPECIAL_TOKENS} tokens, too many for "
+                f"chunks of {chunk_tokens} tokens; shorten it or raise chunker.chunk_tokens"
+            )
         self._splitters: dict[int, TextSplitter] = {}
 
     def count_tokens(self, text: str) -> int:
@@ -62,7 +72,7 @@ class Chunker:
         Outer headings are dropped first (the innermost says most about the
         passage); a single heading that is still too long is cut.
         """
-        budget = self.chunk_tokens // 2 - SPECIAL_TOKENS
+        budget = self.chunk_tokens // 2 - self._reserved
         path = list(heading_path)
         while path and self.count_tokens(heading_prefix(path)) > budget:
             if len(path) > 1:
@@ -75,7 +85,7 @@ class Chunker:
     def split_section(self, section: Section) -> list[tuple[int, str]]:
         """(character offset, text) of each chunk; each is a trimmed slice of the section text."""
         prefix = heading_prefix(self.fit_heading(section.heading_path))
-        capacity = self.chunk_tokens - SPECIAL_TOKENS - (self.count_tokens(prefix) if prefix else 0)
+        capacity = self.chunk_tokens - self._reserved - (self.count_tokens(prefix) if prefix else 0)
         stripped = section.text.strip()
         if stripped and self.count_tokens(stripped) <= capacity:
             # Most sections fit whole: one tokenizer pass instead of the splitter's search.

@@ -1,0 +1,98 @@
+"""The per-file step of ingest: bytes in, chunks (or the reason there are none) out.
+
+`parse_file` is pure — it reads no file and writes nothing — so it runs the
+same in a local worker process (see `workers`) or on a distributed engine.
+Content that must never be parsed is refused first: private keys, and zip
+files (DOCX) whose directory promises more than the limits allow.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ragline.config import IngestSettings
+from ragline.ingest.chunker import Chunker
+from ragline.ingest.loaders import LoadError, loader_for
+from ragline.types import Chunk, Document
+
+_PRIVATE_KEY = re.compile(rb"\A\s*(-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|PuTTY-User-Key-File-)")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True, slots=True)
+class ParseJob:
+    """One file to parse. `source` is its path relative to its ingest root: what citations show."""
+
+    doc_id: str
+    source: str
+    url: str
+    data: bytes
+
+
+@dataclass(slots=True)
+class ParseResult:
+    """The chunks of a file, or `error`: why it cannot be indexed, in words a user can act on."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    error: str = ""
+
+
+def parse_file(job: ParseJob, settings: IngestSettings, chunker: Chunker) -> ParseResult:
+    """Load and chunk one file; any failure becomes the result's `error`, never an exception."""
+    try:
+        refuse_private_key(job.data)
+        check_archive(job.data, settings)
+        found = loader_for(Path(job.source))
+        if found is None:
+            raise LoadError("unsupported file type")
+        format_name, load = found
+        parsed = load(job.data, Path(job.source))
+        document = Document(
+            doc_id=job.doc_id, source=job.source, url=job.url, format=format_name,
+            title=parsed.title, sections=parsed.sections,
+        )
+        chunks = chunker.chunk(document)
+        if not chunks:
+            raise LoadError("no text to index")
+    except LoadError as exc:
+        return ParseResult(error=str(exc))
+    except MemoryError:
+        return ParseResult(error=f"parsing needed more memory than ingest.file_memory_mb ({settings.file_memory_mb} MB)")
+    except Exception as exc:  # a loader library failing on odd input must not end the batch
+        return ParseResult(error=f"{type(exc).__name__}: {exc}")
+    return ParseResult(chunks)
+
+
+def refuse_private_key(data: bytes) -> None:
+    if _PRIVATE_KEY.match(data[:256]):
+        raise LoadError("the file holds a private key: never indexed")
+
+
+def check_archive(data: bytes, settings: IngestSettings) -> None:
+    """Refuse a zip file (DOCX and the like) that would inflate past the limits, judged from its directory.
+
+    Reading a member never yields more than the size its directory entry
+    declares, so the directory alone bounds what parsing can inflate.
+    """
+    if not data.startswith(_ZIP_MAGIC):
+        return
+    try:
+        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise LoadError(f"damaged zip container: {exc}") from exc
+    unzipped = sum(member.file_size for member in members)
+    if unzipped > settings.max_unzipped_mb * 1024 * 1024:
+        raise LoadError(
+            f"unzips to {unzipped / 1048576:.0f} MB, over the {settings.max_unzipped_mb:g} MB limit "
+            "(ingest.max_unzipped_mb)"
+        )
+    ratio = unzipped / max(len(data), 1)
+    if ratio > settings.max_zip_ratio:
+        raise LoadError(
+            f"compressed {ratio:.0f}:1, over the {settings.max_zip_ratio:g}:1 limit (ingest.max_zip_ratio): "
+            "a zip bomb?"
+        )
