@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+import pytest
+
 from ragline.types import Chunk, Hit
 
 
@@ -34,7 +36,11 @@ class Reply:
 
 @dataclass
 class Stream:
-    """An SSE answer: one chunk per piece, optionally dropping the connection after `break_after` pieces."""
+    """An SSE answer: one chunk per piece, optionally dropping the connection after `break_after` pieces.
+
+    `keepalives` comment lines (`: keep-alive`), one every `keepalive_every_s`, come before the pieces,
+    as servers send while a long prompt is processed.
+    """
 
     pieces: list[str]
     break_after: int | None = None
@@ -42,6 +48,8 @@ class Stream:
     piece_delay_s: float = 0.0
     usage: dict[str, int] | None = None
     done: bool = True
+    keepalives: int = 0
+    keepalive_every_s: float = 0.05
 
 
 @dataclass
@@ -147,6 +155,9 @@ class ScriptedLLMServer:
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 self._event({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+                for _ in range(reply.keepalives):
+                    time.sleep(reply.keepalive_every_s)
+                    self._chunk(b": keep-alive\n\n")
                 for i, piece in enumerate(reply.pieces):
                     if i == reply.break_after:
                         self.wfile.flush()
@@ -187,6 +198,20 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_until_ready(get: Callable[[str], Any], deadline_s: float = 120) -> dict[str, Any]:
+    """Poll /readyz (with a deadline) until every component has loaded or failed; return the report."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        response = get("/readyz")
+        if response.status_code == 200:
+            return response.json()
+        assert response.status_code == 503 and response.headers["retry-after"]
+        if response.json()["status"] == "failed":
+            return response.json()
+        time.sleep(0.05)
+    pytest.fail("the API did not get ready")
 
 
 def make_hit(n: int, text: str, *, title: str | None = None, score: float = 1.0) -> Hit:

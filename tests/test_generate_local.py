@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_the_default_model_is_assembled_once(tmp_path: Path):
     path.unlink()  # pytest keeps recent tmp dirs; do not leave a gigabyte in each
 
 
-def _llama_cpp_problem() -> str | None:
+def llama_cpp_problem() -> str | None:
     """Why llama.cpp cannot run here, if it cannot; probed in a child so a crash cannot kill the test run."""
     probe = (
         "from llama_cpp import Llama; import sys; "
@@ -120,9 +121,20 @@ def _llama_cpp_problem() -> str | None:
 
 @pytest.fixture(scope="module")
 def smollm2() -> LlamaCppLLM:
-    if problem := _llama_cpp_problem():
+    if problem := llama_cpp_problem():
         pytest.skip(problem)
     return LlamaCppLLM(SMOLLM2, n_ctx=1024, n_threads=2)
+
+
+def test_counting_tokens_prints_nothing(smollm2: LlamaCppLLM, tmp_path: Path):
+    """The CLI's output is the user's: llama.cpp's warnings about the vocabulary handle must not reach it."""
+    script = (
+        "from pathlib import Path; from ragline.generate.local import LlamaCppLLM, SMOLLM2;"
+        f"print(LlamaCppLLM(SMOLLM2, data_dir=Path({str(tmp_path)!r})).count_tokens('hello world'))"
+    )
+    counted = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert counted.returncode == 0 and int(counted.stdout) >= 2
+    assert counted.stderr == ""
 
 
 def test_a_local_model_generates(smollm2: LlamaCppLLM):
@@ -165,3 +177,42 @@ def test_the_local_model_served_over_the_openai_protocol(smollm2: LlamaCppLLM):
         assert client.generate(MESSAGES, max_tokens=8).text == direct
         stream = client.stream(MESSAGES, max_tokens=8)
         assert "".join(stream) == direct and stream.usage.completion_tokens > 0
+
+
+def test_counting_tokens_never_waits_for_a_generation(smollm2: LlamaCppLLM):
+    """Prompts are built while another request generates: counting uses its own vocabulary-only handle."""
+    counted: list[int] = []
+    with smollm2._lock:  # held, as during another request's whole generation
+        counter = threading.Thread(target=lambda: counted.append(smollm2.count_tokens("hello world")))
+        counter.start()
+        counter.join(timeout=60)  # before the fix, this waited for the lock: forever here
+        assert not counter.is_alive() and counted[0] >= 2
+
+
+def test_a_stream_closed_early_frees_the_model(smollm2: LlamaCppLLM):
+    stream = smollm2.stream(MESSAGES, max_tokens=64, temperature=0.0)
+    next(stream)
+    assert smollm2._lock.locked()
+    stream.close()
+    assert not smollm2._lock.locked()
+
+    async def leave_after_one_piece() -> None:
+        pieces = smollm2.astream(MESSAGES, max_tokens=64, temperature=0.0)
+        async for _ in pieces:
+            break
+        await pieces.aclose()
+
+    asyncio.run(leave_after_one_piece())
+    assert not smollm2._lock.locked()
+    assert smollm2.generate(MESSAGES, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_a_busy_or_slow_local_model_gives_up_at_its_deadline(smollm2: LlamaCppLLM, monkeypatch):
+    monkeypatch.setattr(smollm2, "generation_timeout_s", 0.2)
+    with smollm2._lock:
+        with pytest.raises(LLMError, match=r"stayed busy for 0.2s \(generation_timeout_s\)"):
+            smollm2.generate(MESSAGES, max_tokens=4)
+    monkeypatch.setattr(smollm2, "generation_timeout_s", 1e-6)
+    with pytest.raises(LLMError, match=r"stopped: no complete answer within 1e-06s \(generation_timeout_s\)"):
+        list(smollm2.stream(MESSAGES, max_tokens=64, temperature=0.0))
+    assert not smollm2._lock.locked()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from email.utils import formatdate
 
 import pytest
 from scripted_llm_server import Reply, ScriptedLLMServer, Stream, completion, free_port
@@ -83,16 +84,25 @@ def test_429_waits_as_long_as_retry_after_says(server):
     )
     assert client(server.url).generate(MESSAGES, max_tokens=5).text == "done"
     assert len(server.received) == 2
-    assert 1.0 <= gaps(server)[0] < 1.5
+    assert gaps(server)[0] >= 1.0  # the backoff alone would wait 0.1-0.2s
+
+
+def test_retry_after_as_an_http_date_is_honoured(server):
+    """RFC 9110 allows `Retry-After: <HTTP date>`; it used to be ignored in favour of the 0.1s backoff."""
+    server.script(
+        Reply(503, {"error": {"message": "overloaded"}}, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)}),
+        Reply(200, completion("done")),
+    )
+    assert client(server.url).generate(MESSAGES, max_tokens=5).text == "done"
+    assert gaps(server)[0] >= 1.0  # the date has whole seconds: at least 1s of the 2s remain
 
 
 def test_5xx_is_retried_with_exponential_backoff(server):
     server.script(Reply(500, "boom"), Reply(502, "bad gateway"), Reply(200, completion("done")))
     assert client(server.url).generate(MESSAGES, max_tokens=5).text == "done"
     first, second = gaps(server)
-    # wait_exponential_jitter: initial * 2**n plus up to `initial` of jitter
-    assert BACKOFF <= first < 2 * BACKOFF + 0.25
-    assert 2 * BACKOFF <= second < 3 * BACKOFF + 0.25
+    # wait_exponential_jitter: initial * 2**n plus up to `initial` of jitter; only lower bounds, which load cannot break
+    assert first >= BACKOFF and second >= 2 * BACKOFF
 
 
 def test_gives_up_after_the_last_try_with_a_clear_error(server):
@@ -119,10 +129,9 @@ def test_auth_failure_says_what_to_check(server):
 
 
 def test_a_response_slower_than_the_read_timeout_is_retried(server):
-    server.script(Reply(200, completion("late"), delay_s=1.5), Reply(200, completion("on time")))
-    started = time.monotonic()
+    server.script(Reply(200, completion("late"), delay_s=3.0), Reply(200, completion("on time")))
+    # "on time" comes from the second request: the first was given up after the read timeout, not awaited
     assert client(server.url, read_timeout_s=0.3).generate(MESSAGES, max_tokens=5).text == "on time"
-    assert time.monotonic() - started < 1.0
     assert len(server.received) == 2
 
 
@@ -156,10 +165,26 @@ def test_a_stream_is_retried_until_it_opens(server):
 
 def test_connection_refused_is_retried_then_reported():
     url = f"http://127.0.0.1:{free_port()}/v1"
-    started = time.monotonic()
     with pytest.raises(LLMError, match=f"LLM at {url} failed after 3 tries: cannot connect: .*refused"):
         client(url, max_tries=3).generate(MESSAGES, max_tokens=5)
-    assert time.monotonic() - started < 2.0
+
+
+def test_a_stream_of_keep_alives_only_times_out(server):
+    """Comment lines reset the read timeout; without a deadline on text, this stream would hang as long as it lasts."""
+    server.script(Stream(["never"], keepalives=400, keepalive_every_s=0.05))
+    with pytest.raises(LLMError, match=r"broke after 0 pieces: no text for 0.5s \(stream_idle_timeout_s\)"):
+        list(client(server.url, stream_idle_timeout_s=0.5).stream(MESSAGES, max_tokens=5))
+
+
+def test_a_stream_slower_than_the_generation_deadline_is_stopped(server):
+    server.script(Stream([f"w{i} " for i in range(200)], piece_delay_s=0.05))
+    received = []
+    with pytest.raises(LLMError, match=r"no complete answer within 0.5s \(generation_timeout_s\)"):
+        async def collect():
+            async for piece in client(server.url, generation_timeout_s=0.5).astream(MESSAGES, max_tokens=5):
+                received.append(piece)
+        asyncio.run(collect())
+    assert 0 < len(received) < 200
 
 
 def test_async_calls_share_the_retry_and_stream_behaviour(server):

@@ -106,6 +106,16 @@ def test_citations_are_read_in_order_of_first_use():
     assert cited_numbers("Use `items[0]` or\n```python\nx = a[4]\n```\nsee [1].") == [1]
 
 
+def test_a_bracketed_number_glued_to_a_word_is_an_index_not_a_citation():
+    assert cited_numbers("Take a[1] and matrix[2][3] from the list (see [4]).") == [4]
+    assert cited_numbers("[5] Start of line, after punctuation:[6], and a run [7][8].") == [5, 6, 7, 8]
+
+
+def test_a_huge_bracketed_number_is_no_citation_and_no_crash():
+    assert cited_numbers("[" + "9" * 5000 + "] and [1]") == [1]
+    assert check_citations("Port [" + "1" * 5000 + "].", [make_hit(1, "x")]) == ([], False)
+
+
 def test_grounded_only_when_every_citation_is_a_shown_passage():
     hits = [make_hit(n, f"text {n}") for n in (1, 2, 3)]
     assert check_citations("Port 8000.", hits) == ([], False)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import build_index
 from fastapi.testclient import TestClient
-from scripted_llm_server import Reply, ScriptedLLMServer, Stream, free_port, serve_in_thread
+from scripted_llm_server import Reply, ScriptedLLMServer, Stream, free_port, serve_in_thread, wait_until_ready
 
 from ragline.app import Ragline
 from ragline.cli import run
@@ -72,10 +71,8 @@ def test_answer_citing_a_passage_it_was_not_given_is_not_grounded(index_dir, emb
 
 def test_a_down_llm_still_gives_cited_passages_and_a_note(index_dir, embedder):
     app = components(index_dir, embedder, llm=openai_llm_at(f"http://127.0.0.1:{free_port()}/v1", max_tries=2))
-    started = time.monotonic()
     *_, answer = app.ask(QUESTION, k=2)
-    assert time.monotonic() - started < 10
-    assert "failed" in answer["note"] and "port 8000" in answer["answer"]
+    assert "failed after 2 tries: cannot connect" in answer["note"] and "port 8000" in answer["answer"]
     assert answer["citations"][0]["url"] == "https://ragline.dev/deploy#docker"
 
 
@@ -124,6 +121,7 @@ def test_api_query_and_stream(index_dir, embedder, llm_server):
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
     llm_server.script(Stream(["Port 8000 [1]."]), Stream(["Port ", "8000 [1]."]))
     with TestClient(create_app(settings, app)) as client:
+        wait_until_ready(client.get)
         body = client.post("/v1/query", json={"query": QUESTION, "k": 2}).json()
         assert body["answer"] == "Port 8000 [1]." and body["latency_ms"] > 0 and body["grounded"]
         with client.stream("POST", "/v1/query/stream", json={"query": QUESTION, "k": 2}) as response:
@@ -131,7 +129,9 @@ def test_api_query_and_stream(index_dir, embedder, llm_server):
             events = [json.loads(line) for line in response.iter_lines() if line]
         assert [e["type"] for e in events] == ["status", "status", "token", "token", "answer"]
         assert events[-1]["citations"][0]["url"] == "https://ragline.dev/deploy#docker"
-        assert client.post("/v1/query/stream", json={"query": "x", "filters": {"f": {"$lt": 1}}}).status_code == 422
+        rejected = client.post("/v1/query/stream", json={"query": "x", "filters": {"f": {"$lt": 1}}})
+        assert rejected.status_code == 422 and "known fields" in rejected.json()["message"]
+        assert [r.body["model"] for r in llm_server.received] == ["served-model"] * 2  # no model call for it
 
 
 def test_cli_router_train(tmp_path, capsys):

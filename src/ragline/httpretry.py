@@ -2,13 +2,17 @@
 
 Transient means HTTP 429, HTTP 5xx, timeouts and dropped connections; any
 other 4xx is a mistake in the request and fails at once. A server's
-`Retry-After` header (seconds) is honoured, capped at the longest backoff.
+`Retry-After` header (seconds or an HTTP date) is honoured, capped at the
+longest backoff.
 Clients raise `TransientError` for what is worth another try and hand
 `retry_policy(...)` to tenacity's `Retrying` or `AsyncRetrying`.
 """
 
 from __future__ import annotations
 
+import time
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -28,11 +32,21 @@ def is_transient_status(status: int) -> bool:
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
-    """Seconds from a `Retry-After` header; HTTP dates are left to the backoff."""
-    try:
-        return max(0.0, float(response.headers["retry-after"]))
-    except (KeyError, ValueError):
+    """Seconds from a `Retry-After` header: a number of seconds or an HTTP date (RFC 9110 allows both)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # unparseable: the backoff decides
+    if when.tzinfo is None:  # "-0000": an HTTP date is GMT whatever the form
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 def error_detail(response: httpx.Response) -> str:

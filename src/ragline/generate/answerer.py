@@ -5,7 +5,11 @@ bound: backends time out and give up with `LLMError`, and the answer then
 falls back to sentences extracted from the hits, with a note saying why.
 A streamed answer yields text pieces, then the final `Answer`; if the model
 broke mid-stream, that final answer (the extractive one) replaces the
-pieces shown so far.
+pieces shown so far. A cheap model that fails before writing anything hands
+the question to the strong model, and only then to extraction.
+
+Routing and prompt building (token counting) block, so the async path runs
+them in a worker thread: the event loop only relays pieces.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from anyio import to_thread
 
 from ragline import registry
 from ragline.generate.base import LLM, LLMError, Usage
@@ -48,6 +54,13 @@ class _Turn:
         self.pieces: list[str] = []
         self.llm = answerer.pick(question)
         self.prompt: Prompt | None = None
+        self.notes: list[str] = []
+        """What went wrong on the way to the final answer, e.g. a cheap model that failed."""
+        if answerer.cheap_unavailable and self.llm is not None:
+            self.notes.append(
+                f"the cheap model could not be loaded, so the strong model answers every question: "
+                f"{answerer.cheap_unavailable}"
+            )
 
     def start(self) -> Answer | None:
         """Build the prompt; return the final answer instead when there is nothing to ask a model."""
@@ -68,7 +81,7 @@ class _Turn:
                 max_answer_tokens=self.answerer.max_answer_tokens,
             )
         except LLMError as exc:  # e.g. a local model that cannot be loaded to count tokens
-            return self.fall_back(exc)
+            return self.failed(exc)
         if not self.prompt.hits:
             return self._no_answer("no passage fits the model's input budget")
         return None
@@ -90,6 +103,17 @@ class _Turn:
         answer = Answer(text, citations, self.prompt.hits, self.llm.name, grounded, usage=usage.as_dict())
         return self._timed(answer)
 
+    def failed(self, error: LLMError) -> Answer | None:
+        """After a model failure: a cheap model that wrote nothing yet hands over to the strong one
+        (None: ask it); otherwise the answer is extracted from the hits."""
+        strong = self.answerer.llm
+        if self.llm is self.answerer.cheap_llm and strong is not None and self.llm is not strong and not self.pieces:
+            assert self.llm is not None
+            self.notes.append(f"the cheap model {self.llm.name} failed, so the strong model {strong.name} answered: {error}")
+            self.llm = strong
+            return self.start()
+        return self.fall_back(error)
+
     def fall_back(self, error: LLMError) -> Answer:
         assert self.llm is not None
         answer = self.answerer.extractive.answer(self.question, self.hits)
@@ -97,6 +121,7 @@ class _Turn:
         return self._timed(answer)
 
     def _timed(self, answer: Answer) -> Answer:
+        answer.note = "; ".join(note for note in (*self.notes, answer.note) if note)
         now = time.perf_counter()
         answer.timings["generate_ms"] = (now - self.started) * 1000
         if self.first_piece_at is not None:
@@ -122,6 +147,7 @@ class Answerer:
         max_answer_tokens: int | None = 1024,
         temperature: float = 0.1,
         unavailable: str = "",
+        cheap_unavailable: str = "",
     ):
         if (cheap_llm is None) != (router is None):
             raise ValueError("a cheap model and a router go together: give both or neither")
@@ -134,6 +160,8 @@ class Answerer:
         self.temperature = temperature
         self.unavailable = unavailable
         """Why the configured LLM could not be built, when answers are extracted instead."""
+        self.cheap_unavailable = cheap_unavailable
+        """Why the cheap model could not be built, when the strong one answers everything."""
 
     @classmethod
     def from_settings(cls, settings: GenerateSettings, data_dir: Path) -> Answerer:
@@ -143,14 +171,19 @@ class Answerer:
         except LLMError as exc:
             llm, unavailable = None, str(exc)
         cheap_llm = router = None
+        cheap_unavailable = ""
         if settings.router.enabled and settings.cheap_llm is not None:  # validated: both or neither
             from ragline.generate.router import DEFAULT_EXAMPLES, Router, router_path  # scikit-learn only when routing
 
-            cheap_llm = build_llm(settings.cheap_llm, data_dir)
-            router = Router.load_or_train(
-                router_path(settings.router, data_dir),
-                settings.router.examples or DEFAULT_EXAMPLES,
-            )
+            try:
+                cheap_llm = build_llm(settings.cheap_llm, data_dir)
+            except LLMError as exc:  # the strong model answers everything, with a note
+                cheap_unavailable = str(exc)
+            else:
+                router = Router.load_or_train(
+                    router_path(settings.router, data_dir),
+                    settings.router.examples or DEFAULT_EXAMPLES,
+                )
         return cls(
             llm,
             cheap_llm=cheap_llm,
@@ -159,46 +192,65 @@ class Answerer:
             max_answer_tokens=settings.max_answer_tokens,
             temperature=settings.temperature,
             unavailable=unavailable,
+            cheap_unavailable=cheap_unavailable,
         )
+
+    def load(self) -> None:
+        """Load every model now (servers call this at startup, in a worker thread).
+
+        A model that fails to load is dropped as if it could not be built: the
+        strong model stands in for the cheap one, extraction for the strong one.
+        """
+        if self.cheap_llm is not None:
+            try:
+                self.cheap_llm.load()
+            except LLMError as exc:
+                self.cheap_llm, self.router, self.cheap_unavailable = None, None, str(exc)
+        if self.llm is not None:
+            try:
+                self.llm.load()
+            except LLMError as exc:
+                self.llm, self.unavailable = None, str(exc)
 
     def pick(self, question: str) -> LLM | None:
         if self.router is not None and self.router.choose(question) == "cheap":
             return self.cheap_llm
         return self.llm
 
-    def stream(self, question: str, hits: Sequence[Hit]) -> Iterator[AnswerEvent]:
+    def _start(self, question: str, hits: Sequence[Hit]) -> tuple[_Turn, Answer | None]:
+        """Route and build the prompt (blocking work); the answer comes back at once when no model is asked."""
         turn = _Turn(self, question, hits)
-        if (answer := turn.start()) is not None:
-            yield answer
-            return
-        assert turn.llm is not None and turn.prompt is not None
-        pieces = turn.llm.stream(turn.prompt.messages, max_tokens=turn.prompt.max_tokens, temperature=self.temperature)
-        try:
-            for piece in pieces:
-                yield turn.add(piece)
-        except LLMError as exc:
-            yield turn.fall_back(exc)
-            return
-        finally:
-            pieces.close()
-        yield turn.finish(pieces.usage)
+        return turn, turn.start()
+
+    def stream(self, question: str, hits: Sequence[Hit]) -> Iterator[AnswerEvent]:
+        turn, answer = self._start(question, hits)
+        while answer is None:  # again only when a cheap model failed and the strong one takes over
+            assert turn.llm is not None and turn.prompt is not None
+            pieces = turn.llm.stream(turn.prompt.messages, max_tokens=turn.prompt.max_tokens, temperature=self.temperature)
+            try:
+                for piece in pieces:
+                    yield turn.add(piece)
+                answer = turn.finish(pieces.usage)
+            except LLMError as exc:
+                answer = turn.failed(exc)
+            finally:
+                pieces.close()
+        yield answer
 
     async def astream(self, question: str, hits: Sequence[Hit]) -> AsyncIterator[AnswerEvent]:
-        turn = _Turn(self, question, hits)
-        if (answer := turn.start()) is not None:
-            yield answer
-            return
-        assert turn.llm is not None and turn.prompt is not None
-        pieces = turn.llm.astream(turn.prompt.messages, max_tokens=turn.prompt.max_tokens, temperature=self.temperature)
-        try:
-            async for piece in pieces:
-                yield turn.add(piece)
-        except LLMError as exc:
-            yield turn.fall_back(exc)
-            return
-        finally:
-            await pieces.aclose()
-        yield turn.finish(pieces.usage)
+        turn, answer = await to_thread.run_sync(self._start, question, hits)
+        while answer is None:
+            assert turn.llm is not None and turn.prompt is not None
+            pieces = turn.llm.astream(turn.prompt.messages, max_tokens=turn.prompt.max_tokens, temperature=self.temperature)
+            try:
+                async for piece in pieces:
+                    yield turn.add(piece)
+                answer = turn.finish(pieces.usage)
+            except LLMError as exc:
+                answer = await to_thread.run_sync(turn.failed, exc)
+            finally:
+                await pieces.aclose()
+        yield answer
 
     def answer(self, question: str, hits: Sequence[Hit]) -> Answer:
         *_, final = self.stream(question, hits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -43,6 +44,30 @@ def estimate_usage(usage: Usage, count_tokens: Callable[[str], int], messages: l
     """Fill in `usage` by counting, for backends that do not report it."""
     usage.prompt_tokens = sum(count_tokens(m["content"]) + TOKENS_PER_MESSAGE for m in messages)
     usage.completion_tokens = count_tokens(answer)
+
+
+class StreamClock:
+    """The deadlines of one streamed generation: the whole answer, and each wait for more text.
+
+    Only text resets the idle clock, so a server that sends nothing but
+    keep-alive comments still times out. `overdue()` says which deadline passed.
+    """
+
+    def __init__(self, idle_s: float | None, total_s: float | None):
+        self.idle_s = idle_s
+        self.total_s = total_s
+        self.started = self.last_text = time.monotonic()
+
+    def text(self) -> None:
+        self.last_text = time.monotonic()
+
+    def overdue(self) -> str | None:
+        now = time.monotonic()
+        if self.total_s is not None and now - self.started > self.total_s:
+            return f"no complete answer within {self.total_s:g}s (generation_timeout_s)"
+        if self.idle_s is not None and now - self.last_text > self.idle_s:
+            return f"no text for {self.idle_s:g}s (stream_idle_timeout_s)"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +127,10 @@ class LLM(Protocol):
 
     name: str
     context_window: int
+
+    def load(self) -> None:
+        """Get ready to answer (load weights); slow, so servers call it at startup in a worker thread."""
+        ...
 
     def count_tokens(self, text: str) -> int: ...
 

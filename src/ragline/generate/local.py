@@ -8,8 +8,11 @@ model behind. A sidecar records size, mtime and hash, so later starts trust
 the file without re-hashing a gigabyte.
 
 llama-cpp-python is an optional extra, imported only when a model is loaded.
-One `Llama` context cannot serve two generations at once, so calls on one
-`LlamaCppLLM` are serialised; async calls run in a worker thread.
+One `Llama` context cannot serve two generations at once, so generations on
+one `LlamaCppLLM` are serialised (waiting at most `generation_timeout_s`);
+async calls run in a worker thread. Tokens are counted with a second,
+vocabulary-only handle under its own lock, so building a prompt never waits
+for another request's generation.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +37,7 @@ from ragline.generate.base import (
     Completion,
     LLMError,
     Message,
+    StreamClock,
     TokenStream,
     Usage,
     estimate_usage,
@@ -151,6 +156,19 @@ def assemble(parts: Sequence[Path], target: Path, *, size: int, sha256: str) -> 
     return target
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's stderr (file descriptor 2): llama.cpp prints some warnings there whatever `verbose` says."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _package_file(package: str, name: str) -> Path:
     """A data file inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
@@ -187,46 +205,75 @@ class LlamaCppLLM:
         data_dir: Path = Path(".ragline"),
         n_ctx: int = 4096,
         n_threads: int | None = None,
+        generation_timeout_s: float | None = 600.0,
     ):
         self.path = model_file(model, data_dir)
         self.name = model if model in (QWEN_CODER, SMOLLM2) else self.path.stem
         self.context_window = n_ctx
         self.n_threads = n_threads or os.cpu_count() or 1
+        self.generation_timeout_s = generation_timeout_s
         self._llama: Llama | None = None
         self._lock = threading.Lock()
+        self._vocab: Llama | None = None
+        self._vocab_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: LLMSettings, data_dir: Path) -> LlamaCppLLM:
-        return cls(settings.model, data_dir=data_dir, n_ctx=settings.n_ctx, n_threads=settings.n_threads)
+        return cls(
+            settings.model,
+            data_dir=data_dir,
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            generation_timeout_s=settings.generation_timeout_s,
+        )
+
+    def load(self) -> None:
+        """Load the vocabulary and the weights now rather than on the first question."""
+        with self._vocab_lock:
+            self._tokenizer()
+        with self._turn():
+            self._model()
+
+    def _open(self, **options: Any) -> Llama:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise LLMError("local models need llama-cpp-python: pip install llama-cpp-python") from exc
+        try:
+            return Llama(model_path=str(self.path), verbose=False, **options)
+        except (ValueError, RuntimeError) as exc:
+            raise LLMError(f"cannot load local model {self.path.name}: {exc}") from exc
 
     def _model(self) -> Llama:
         """Load on first use; callers hold `_lock`."""
         if self._llama is None:
-            try:
-                from llama_cpp import Llama
-            except ImportError as exc:
-                raise LLMError("local models need llama-cpp-python: pip install llama-cpp-python") from exc
-            try:
-                self._llama = Llama(
-                    model_path=str(self.path),
-                    n_ctx=self.context_window,
-                    n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads,
-                    verbose=False,
-                )
-            except (ValueError, RuntimeError) as exc:
-                raise LLMError(f"cannot load local model {self.path}: {exc}") from exc
+            self._llama = self._open(n_ctx=self.context_window, n_threads=self.n_threads, n_threads_batch=self.n_threads)
         return self._llama
 
-    def count_tokens(self, text: str) -> int:
-        with self._lock:
-            return self._count(text)
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the model for one generation, waiting at most `generation_timeout_s` for the one before."""
+        timeout = -1 if self.generation_timeout_s is None else self.generation_timeout_s
+        if not self._lock.acquire(timeout=timeout):
+            raise LLMError(f"local model {self.name} stayed busy for {timeout:g}s (generation_timeout_s)")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
-    def _count(self, text: str) -> int:
-        return len(self._model().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    def _tokenizer(self) -> Llama:
+        """The vocabulary-only handle, loaded on first use; callers hold `_vocab_lock`."""
+        if self._vocab is None:
+            with _quiet_stderr():  # "n_ctx_train (0)": a vocabulary has no context size, and llama.cpp says so
+                self._vocab = self._open(vocab_only=True)
+        return self._vocab
+
+    def count_tokens(self, text: str) -> int:
+        with self._vocab_lock:
+            return len(self._tokenizer().tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def generate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
-        with self._lock:
+        with self._turn():
             llama = self._model()
             try:
                 result: Any = llama.create_chat_completion(
@@ -250,24 +297,34 @@ class LlamaCppLLM:
         return AsyncTokenStream(lambda usage: iterate_in_thread(self._pieces(messages, max_tokens, temperature, usage)))
 
     def _pieces(self, messages: list[Message], max_tokens: int, temperature: float, usage: Usage) -> Iterator[str]:
-        """Stream under the lock; llama.cpp reports no usage when streaming, so it is counted."""
+        """Stream under the lock, within the generation deadline; llama.cpp reports no usage when streaming,
+        so it is counted. Closing this generator stops llama.cpp and frees the model for the next caller."""
         pieces: list[str] = []
-        with self._lock:
+        with self._turn():
+            clock = StreamClock(None, self.generation_timeout_s)
             llama = self._model()
+            chunks: Any = None
             try:
-                chunks: Any = llama.create_chat_completion(
+                chunks = llama.create_chat_completion(
                     messages=messages,  # type: ignore[arg-type]  # llama_cpp wants its TypedDicts
                     max_tokens=max_tokens,
                     temperature=temperature,
                     stream=True,
                 )
                 for chunk in chunks:
+                    if reason := clock.overdue():
+                        raise LLMError(f"local model {self.name} stopped: {reason}")
                     if piece := chunk["choices"][0]["delta"].get("content"):
                         pieces.append(piece)
                         yield piece
+            except LLMError:
+                raise
             except (ValueError, RuntimeError) as exc:
                 raise self._failed(exc) from exc
-            estimate_usage(usage, self._count, messages, "".join(pieces))
+            finally:
+                if chunks is not None:
+                    chunks.close()
+        estimate_usage(usage, self.count_tokens, messages, "".join(pieces))
 
     def _failed(self, exc: Exception) -> LLMError:
         return LLMError(f"local model {self.name} failed: {exc}")

@@ -27,6 +27,7 @@ from ragline.generate.base import (
     Completion,
     LLMError,
     Message,
+    StreamClock,
     TokenStream,
     Usage,
     estimate_usage,
@@ -47,7 +48,7 @@ _HINTS = {
 
 
 class _StreamParser:
-    """Turns server-sent event lines into text pieces and fills in the usage."""
+    """Turns server-sent event lines into text pieces and fills in the usage; enforces the stream deadlines."""
 
     def __init__(self, llm: OpenAICompatLLM, messages: list[Message], usage: Usage):
         self._llm = llm
@@ -56,8 +57,17 @@ class _StreamParser:
         self._pieces: list[str] = []
         self._reported_usage = False
         self._finished = False
+        self._clock = StreamClock(llm.stream_idle_timeout_s, llm.generation_timeout_s)
 
     def feed(self, line: str) -> str | None:
+        piece = self._parse(line)
+        if piece:
+            self._clock.text()
+        if reason := self._clock.overdue():  # a server sending only keep-alives never trips the read timeout
+            raise self.broken(reason)
+        return piece
+
+    def _parse(self, line: str) -> str | None:
         if not line.startswith("data:"):
             return None  # blank separators, comments (keep-alives), event names
         data = line[5:].strip()
@@ -105,6 +115,8 @@ class OpenAICompatLLM:
         max_tries: int = 4,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 20.0,
+        stream_idle_timeout_s: float | None = 60.0,
+        generation_timeout_s: float | None = 600.0,
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, not {base_url!r}")
@@ -112,6 +124,8 @@ class OpenAICompatLLM:
         self.context_window = context_window
         self.base_url = base_url.rstrip("/")
         self.max_tries = max_tries
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+        self.generation_timeout_s = generation_timeout_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
@@ -132,6 +146,8 @@ class OpenAICompatLLM:
             max_tries=settings.max_tries,
             backoff_initial_s=settings.backoff_initial_s,
             backoff_max_s=settings.backoff_max_s,
+            stream_idle_timeout_s=settings.stream_idle_timeout_s,
+            generation_timeout_s=settings.generation_timeout_s,
         )
 
     def close(self) -> None:
@@ -142,6 +158,9 @@ class OpenAICompatLLM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def load(self) -> None:
+        """Nothing to load: the server holds the model (and answers 503 with Retry-After while it loads)."""
 
     def count_tokens(self, text: str) -> int:
         return count_tokens(self._encoding, text)

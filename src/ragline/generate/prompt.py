@@ -27,7 +27,11 @@ Rules:
 - Be concise."""
 
 _BLOCK_SEPARATOR = "\n\n"
-_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_CITATION_NUMBERS = r"\[\d{1,4}(?:\s*,\s*\d{1,4})*\]"
+_CITATIONS = re.compile(rf"(?<![\w\]])(?:{_CITATION_NUMBERS})+")
+"""A run of bracketed numbers like `[2]` or `[1, 3][4]`, at the start or after whitespace or punctuation:
+`a[1]` in prose is an index, not a citation, and a passage number has at most 4 digits."""
+_NUMBER = re.compile(r"\d+")
 _CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.DOTALL)
 
 
@@ -113,8 +117,8 @@ def build_prompt(
 def cited_numbers(text: str) -> list[int]:
     """The [n] numbers in an answer, in order of first use; code spans are skipped (`a[0]` is no citation)."""
     numbers: list[int] = []
-    for match in _CITATION.finditer(_CODE.sub(" ", text)):
-        for number in match.group(1).split(","):
+    for match in _CITATIONS.finditer(_CODE.sub(" ", text)):
+        for number in _NUMBER.findall(match.group()):
             if (n := int(number)) not in numbers:
                 numbers.append(n)
     return numbers

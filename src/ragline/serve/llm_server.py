@@ -11,8 +11,10 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -20,6 +22,7 @@ from pydantic import BaseModel, Field
 from ragline.app import Ragline
 from ragline.config import ConfigError, Settings
 from ragline.generate.base import LLM, LLMError
+from ragline.serve.readiness import without_host_paths
 
 
 class ChatMessage(BaseModel):
@@ -47,11 +50,25 @@ def _chunk(completion_id: str, model: str, delta: dict[str, Any], finish: str | 
     return f"data: {json.dumps(body)}\n\n"
 
 
+def _llm_error(exc: LLMError) -> dict[str, Any]:
+    return {"error": {"message": without_host_paths(str(exc)), "type": "llm_error"}}
+
+
 def create_llm_app(settings: Settings, llm: LLM | None = None) -> FastAPI:
-    served = llm or Ragline(settings).answerer.llm
-    if served is None:
-        raise ConfigError("generate.llm.backend is extractive: there is no LLM to serve")
-    api = FastAPI(title="Ragline LLM", description="OpenAI-compatible chat completions")
+    """The app serving `llm` (default: the configured model), loaded at startup in a worker thread."""
+    if llm is None:
+        answerer = Ragline(settings).answerer
+        if answerer.llm is None:
+            raise ConfigError(answerer.unavailable or "generate.llm.backend is extractive: there is no LLM to serve")
+        llm = answerer.llm
+    served: LLM = llm
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await to_thread.run_sync(served.load)  # a model that cannot load stops the server before it listens
+        yield
+
+    api = FastAPI(title="Ragline LLM", description="OpenAI-compatible chat completions", lifespan=lifespan)
 
     def budget(request: ChatRequest) -> int:
         return request.max_tokens or max(served.context_window // 4, 16)
@@ -68,7 +85,7 @@ def create_llm_app(settings: Settings, llm: LLM | None = None) -> FastAPI:
             try:
                 result = await served.agenerate(messages, max_tokens=budget(request), temperature=request.temperature)
             except LLMError as exc:
-                return JSONResponse({"error": {"message": str(exc), "type": "llm_error"}}, status_code=503)
+                return JSONResponse(_llm_error(exc), status_code=503)
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": served.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -83,7 +100,7 @@ def create_llm_app(settings: Settings, llm: LLM | None = None) -> FastAPI:
                 async for piece in pieces:
                     yield _chunk(completion_id, served.name, {"content": piece})
             except LLMError as exc:
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'llm_error'}})}\n\n"
+                yield f"data: {json.dumps(_llm_error(exc))}\n\n"
                 return
             finally:
                 await pieces.aclose()
