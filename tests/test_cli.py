@@ -41,7 +41,7 @@ def test_ingest_then_search_json_cites_sections(corpus, capsys):
     top = result["hits"][0]
     assert set(top) >= {"score", "text", "title", "url", "source"}
     assert top["url"] == "https://docs.example.org/limits.html#rate-limits"
-    assert "120 requests" in top["text"] and top["source"] == str(corpus / "limits.rst")
+    assert "120 requests" in top["text"] and top["source"] == "limits.rst"
 
 
 def test_search_queries_file_prints_one_json_line_per_query(corpus, tmp_path, capsys):
@@ -92,3 +92,11 @@ def test_config_show_merges_file_and_environment(tmp_path, monkeypatch, capsys):
     config.write_text("retrieve:\n  topk: 9\n")
     assert run(["--config", str(config), "config", "show"]) == EXIT_RUN_FAILED
     assert "topk" in capsys.readouterr().err
+
+
+def test_errors_are_never_wrapped_whatever_the_width(tmp_path, capsys):
+    """A path cut in two cannot be copied (the console is 80 columns wide here, the path longer)."""
+    missing = tmp_path / ("a-long-folder-name-" * 9) / "missing"
+    assert run(["ingest", str(missing)]) == EXIT_RUN_FAILED
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{missing} does not exist" in lines[0]

@@ -21,7 +21,7 @@ from ragline.generate.base import LLMError
 from ragline.pipeline import IngestError, IngestReport
 from ragline.registry import UnknownComponentError
 from ragline.retrieve.dense import Retrieval, RetrievalError
-from ragline.store.base import StoreError
+from ragline.store.base import FilterError, StoreError, parse_filter_value
 
 EXIT_RUN_FAILED = 1
 EXIT_FILES_FAILED = 3
@@ -40,8 +40,10 @@ router_cli = typer.Typer(help="The cheap/strong model router.", no_args_is_help=
 cli.add_typer(router_cli, name="router")
 llm_cli = typer.Typer(help="The configured LLM.", no_args_is_help=True)
 cli.add_typer(llm_cli, name="llm")
-out = Console()
-err = Console(stderr=True)
+# Lines are never soft-wrapped at the terminal width: a path or URL cut in two cannot be
+# copied, and a script must be able to parse every line (machine output uses plain print()).
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class State:
@@ -72,6 +74,9 @@ class BarProgress:
         )
         self._task = None
 
+    def waiting(self, message: str) -> None:
+        err.print(f"[dim]{escape(message)}…[/dim]")
+
     def start(self, total_files: int) -> None:
         self._bar.start()
         self._task = self._bar.add_task("ingest", total=total_files, path="")
@@ -91,6 +96,7 @@ def _print_report(report: IngestReport) -> None:
         ("unchanged files", report.unchanged),
         ("deleted files", len(report.deleted)),
         ("failed files", len(report.failed)),
+        ("skipped files (secrets, links)", len(report.skipped)),
         ("unsupported files (skipped)", report.unsupported),
         ("chunks written", report.chunks),
         ("seconds", f"{report.seconds:.1f}"),
@@ -99,6 +105,8 @@ def _print_report(report: IngestReport) -> None:
     out.print(table)
     for path, reason in report.failed:
         out.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}")
+    for path, reason in report.skipped:
+        out.print(f"[yellow]skipped[/yellow] {escape(path)}: {escape(reason)}")
 
 
 @cli.command()
@@ -110,21 +118,31 @@ def ingest(
     full: Annotated[bool, typer.Option("--full", help="drop the index and rebuild it")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit non-zero when any file failed")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="queue behind an ingest already running on the index")] = False,
+    wait_timeout: Annotated[
+        float, typer.Option(min=0, help="with --wait: give up after this many seconds")
+    ] = 3600.0,
 ) -> None:
-    """Index folders incrementally: new and changed files are (re)indexed, deleted ones removed."""
+    """Index folders incrementally: new and changed files are (re)indexed, deleted ones removed.
+
+    Without PATHs, the folders of ingest.sources are synced and files of folders no longer
+    listed there are removed; with PATHs, only those folders are synced.
+    """
     settings = State.settings()
-    sources = [SourceSettings(path=p, url_template=url_template) for p in paths or []] or settings.ingest.sources
+    explicit = [SourceSettings(path=p, url_template=url_template) for p in paths or []]
+    sources = explicit or settings.ingest.sources
     if not sources:
         raise ConfigError("nothing to ingest: give PATH arguments or set ingest.sources in the config")
     app = Ragline(settings)
     progress = BarProgress()
     try:
-        report = app.indexer(progress).run(sources, full=full)
+        indexer = app.indexer(progress, wait_s=wait_timeout if wait else None)
+        report = indexer.run(sources, full=full, prune_other_roots=not explicit)
     finally:
         progress.stop()
         app.close()
     if json_output:
-        out.print_json(json.dumps(report.to_dict()))
+        print(json.dumps(report.to_dict()))
     else:
         _print_report(report)
     if strict and report.failed:
@@ -134,14 +152,19 @@ def ingest(
 FILTER_OPTION = typer.Option("--filter", help="metadata filter field=value (repeatable)")
 
 
-def _parse_filters(items: list[str] | None) -> dict[str, str] | None:
-    parsed = {}
+def _parse_filters(items: list[str] | None, fields: dict[str, str]) -> dict[str, object] | None:
+    """`--filter field=value` options as store filters, each value parsed to the field's type
+    (`fields`, from `VectorStore.filter_fields()`); a repeated field matches any of its values."""
+    values: dict[str, list] = {}
     for item in items or []:
-        name, sep, value = item.partition("=")
+        name, sep, text = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"{item!r} is not field=value", param_hint="--filter")
-        parsed[name] = value
-    return parsed or None
+        try:
+            values.setdefault(name, []).append(parse_filter_value(name, text, fields))
+        except FilterError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--filter") from None
+    return {name: found[0] if len(found) == 1 else {"$in": found} for name, found in values.items()} or None
 
 
 def _print_hits(result: Retrieval) -> None:
@@ -178,7 +201,8 @@ def search(
     ]
     app = Ragline(State.settings())
     try:
-        results = app.retriever.search_many(texts, k, _parse_filters(filters))
+        wanted = _parse_filters(filters, app.store.filter_fields())  # before the model loads: bad input fails fast
+        results = app.retriever.search_many(texts, k, wanted)
     finally:
         app.close()
     for result in results:
@@ -202,7 +226,7 @@ def ask(
     final: dict = {}
     streamed = False
     try:
-        for event in app.ask(question, k, _parse_filters(filters)):
+        for event in app.ask(question, k, _parse_filters(filters, app.store.filter_fields())):
             if event["type"] == "token" and live:
                 out.print(event["text"], end="", markup=False, highlight=False, soft_wrap=True)
                 streamed = True
@@ -310,7 +334,7 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="bind address (default: serve.host)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default: serve.port)")] = None,
 ) -> None:
-    """Serve the HTTP API (POST /v1/search, /v1/query, /v1/query/stream; GET /healthz)."""
+    """Serve the HTTP API (POST /v1/search, /v1/query, /v1/query/stream; GET /healthz, /readyz)."""
     try:
         import uvicorn
 
