@@ -12,5 +12,5 @@ echo; echo "Q: $question"
 ragline --config samples/ragline.yaml search "$question" -k 3
 echo
 ragline --config samples/ragline.yaml ask "$question"
-echo; echo "Serving on http://127.0.0.1:8000 (POST /v1/search, GET /healthz); Ctrl-C to stop."
+echo; echo "Serving on http://127.0.0.1:8000 (POST /v1/search, /v1/query, /v1/query/stream; GET /healthz, /readyz); Ctrl-C to stop."
 exec ragline --config samples/ragline.yaml serve
