@@ -11,7 +11,6 @@ whole run holds `ingest.lock` in the data folder.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from ragline.ingest.loaders.base import LoadError
 from ragline.ingest.parse import ParseJob, ParseResult
 from ragline.ingest.scan import Found, printable, scan
 from ragline.ingest.workers import ParsePool, WorkerError, import_loader_modules
+from ragline.locking import hold_exclusive
 from ragline.store.base import DocumentRecord, VectorStore
 from ragline.types import Chunk, utc_now
 
@@ -116,23 +116,17 @@ def ingest_lock(
     """Hold the index for one ingest. Another holder makes this fail at once, or wait up to `wait_s`."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "ingest.lock", "a+") as handle:
-        deadline = time.monotonic() + (wait_s or 0)
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip()
-                running = f"another ingest{f' (pid {holder})' if holder else ''} is running on {data_dir}"
-                if wait_s is None:
-                    raise IngestError(f"{running}; wait for it to finish, or re-run with --wait") from None
-                if time.monotonic() >= deadline:
-                    raise IngestError(f"{running} and did not finish within {wait_s:g} s (--wait-timeout)") from None
-                if on_wait is not None:
-                    on_wait(f"waiting for {running} (up to {wait_s:g} s)")
-                    on_wait = None  # say it once
-                time.sleep(LOCK_POLL_S)
+
+        def running() -> str:
+            handle.seek(0)
+            holder = handle.read().strip()  # the holder writes its pid once it has the lock
+            return f"another ingest{f' (pid {holder})' if holder else ''} is running on {data_dir}"
+
+        announce = None if on_wait is None else lambda: on_wait(f"waiting for {running()} (up to {wait_s:g} s)")
+        if not hold_exclusive(handle, wait_s or 0.0, LOCK_POLL_S, announce):
+            if wait_s is None:
+                raise IngestError(f"{running()}; wait for it to finish, or re-run with --wait")
+            raise IngestError(f"{running()} and did not finish within {wait_s:g} s (--wait-timeout)")
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()

@@ -17,14 +17,12 @@ half-written ones of killed writers.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ragline.locking import hold_exclusive
 from ragline.store.base import StoreError
 
 log = logging.getLogger(__name__)
@@ -137,18 +136,11 @@ def _read_pointer(folder: Path) -> dict:
 def _persist_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on the snapshot folder, waited for up to LOCK_TIMEOUT_S."""
     with open(folder / LOCK, "w") as handle:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"another process has been writing a snapshot in {folder} for {LOCK_TIMEOUT_S:.0f} s; "
-                        "the data is saved, re-run to refresh the snapshot"
-                    ) from None
-                time.sleep(0.05)
+        if not hold_exclusive(handle, LOCK_TIMEOUT_S, poll_s=0.05):
+            raise StoreError(
+                f"another process has been writing a snapshot in {folder} for {LOCK_TIMEOUT_S:.0f} s; "
+                "the data is saved, re-run to refresh the snapshot"
+            )
         yield
 
 
