@@ -1,14 +1,17 @@
-"""Search latency of the embedded store at 10k and 100k chunks (synthetic unit vectors).
+"""Search latency of the embedded store at 10k and 100k chunks (synthetic vectors and text).
 
     python benchmarks/search_latency.py [--sizes 10000 100000] [--queries 200]
 
-Prints p50/p99 in milliseconds for plain top-10 search and for a search
-with a metadata filter, through the store's public `search` call (read
+Prints p50/p99 in milliseconds of top-10 dense, keyword (FTS5 BM25) and
+hybrid (both, fused with RRF) searches, and of a hybrid search with a
+metadata filter, through the store's public `search` call (read
 transaction, refresh check and SQLite row fetch included), beside the
 baseline of the same run: the bare NumPy floor (matrix product and top-10
-on the same vectors in memory), so what the store adds is visible. The query
-embedding is timed apart, once, on the real model, since it is the same at
-any index size.
+on the same vectors in memory), so what the store adds is visible. Chunk
+texts are ~120 words drawn from a Zipf-distributed vocabulary of 30,000
+(words and snake_case identifiers), and each query is 6 words of one chunk
+plus 3 stop words, so keyword search does real work. The query embedding is
+timed apart, once, on the real model, since it is the same at any index size.
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ from pathlib import Path
 import numpy as np
 
 from ragline.config import EmbedderSettings
-from ragline.store.base import DocumentRecord
+from ragline.store.base import DocumentRecord, SearchRequest
 from ragline.store.local import LocalStore
 from ragline.types import Chunk
 
 DIM = 384
 DOC_SIZE = 50
+WORDS_PER_CHUNK = 120
+VOCABULARY = [f"w{i}" if i % 7 else f"get_w{i}_value" for i in range(30_000)]
+ZIPF = 1 / np.arange(1, len(VOCABULARY) + 1)
+ZIPF /= ZIPF.sum()
+
+
+def passage(rng: np.random.Generator) -> str:
+    return " ".join(VOCABULARY[i] for i in rng.choice(len(VOCABULARY), WORDS_PER_CHUNK, p=ZIPF))
 
 
 def fill(store: LocalStore, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,7 +49,7 @@ def fill(store: LocalStore, n: int, rng: np.random.Generator) -> np.ndarray:
         vectors = rng.standard_normal((DOC_SIZE, DIM)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         chunks = [
-            Chunk(f"{doc_id}-{i}", doc_id, f"passage {start + i}", {"format": "html" if i % 10 else "pdf", "chunk_index": i})
+            Chunk(f"{doc_id}-{i}", doc_id, passage(rng), {"format": "html" if i % 10 else "pdf", "chunk_index": i})
             for i in range(DOC_SIZE)
         ]
         record = DocumentRecord(doc_id, f"/{doc_id}", "/", 1, 1, "x", "fp")
@@ -63,13 +74,22 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(samples, 50)), 2), "p99_ms": round(float(np.percentile(samples, 99)), 2)}
 
 
-def time_searches(store: LocalStore, queries: np.ndarray, filters=None) -> list[float]:
+def time_searches(store: LocalStore, requests: list[SearchRequest]) -> list[float]:
     samples = []
-    for query in queries:
+    for request in requests:
         started = time.perf_counter()
-        store.search(query, 10, filters)
+        store.search(request)
         samples.append((time.perf_counter() - started) * 1000)
     return samples
+
+
+def query_texts(store: LocalStore, n: int, rng: np.random.Generator) -> list[str]:
+    """Six words of a random stored chunk and three stop words, as a user's question would mix them."""
+    texts = []
+    for _ in range(n):
+        words = store.document_chunks(f"doc{rng.integers(store.count() // DOC_SIZE)}")[0].text.split()
+        texts.append("how do I " + " ".join(rng.choice(words, 6)))
+    return texts
 
 
 def main() -> None:
@@ -87,12 +107,19 @@ def main() -> None:
             matrix = fill(store, size, rng)
             reopened = LocalStore(Path(tmp))
             started = time.perf_counter()
-            reopened.search(queries[0], 10)
+            reopened.search(SearchRequest(vector=queries[0], k=10))
             open_ms = (time.perf_counter() - started) * 1000
+            texts = query_texts(reopened, len(queries), rng)
+
+            def requests(mode: str, filters=None) -> list[SearchRequest]:
+                return [SearchRequest(text=t, vector=q, mode=mode, k=10, filters=filters) for t, q in zip(texts, queries)]
+
             results[size] = {
                 "first_search_after_open_ms": round(open_ms, 1),
-                "search": percentiles(time_searches(reopened, queries)),
-                "search_with_filter": percentiles(time_searches(reopened, queries, {"format": "pdf"})),
+                "dense": percentiles(time_searches(reopened, requests("dense"))),
+                "keyword": percentiles(time_searches(reopened, requests("keyword"))),
+                "hybrid": percentiles(time_searches(reopened, requests("hybrid"))),
+                "hybrid_with_filter": percentiles(time_searches(reopened, requests("hybrid", {"format": "pdf"}))),
                 "baseline_numpy_floor": percentiles(time_numpy_floor(matrix, queries)),
             }
             store.close()

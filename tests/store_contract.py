@@ -16,8 +16,23 @@ import hashlib
 import numpy as np
 import pytest
 
-from ragline.store.base import MAX_IN_VALUES, DocumentRecord, FilterError, StoreError, VectorStore
+from ragline.store.base import MAX_IN_VALUES, DocumentRecord, FilterError, SearchRequest, StoreError, VectorStore
+from ragline.store.fusion import Fusion
 from ragline.types import Chunk, Hit
+
+
+def dense(vector: np.ndarray, k: int, filters: dict | None = None) -> SearchRequest:
+    """A dense search request, the shape most contract checks need."""
+    return SearchRequest(vector=vector, k=k, filters=filters)
+
+
+def keyword(text: str, k: int = 5, filters: dict | None = None) -> SearchRequest:
+    return SearchRequest(text=text, mode="keyword", k=k, filters=filters)
+
+
+def ids(hits: list[Hit]) -> list[str]:
+    return [hit.chunk.chunk_id for hit in hits]
+
 
 DIM = 8
 
@@ -79,18 +94,110 @@ def assert_hits_pair_right(hits: list[Hit], query: np.ndarray, k: int) -> None:
     assert pairing_errors(hits, query, k) == []
 
 
-class StoreContract:
+KEYWORD_TEXTS = {
+    "pandas": ["Use read_csv to load a comma separated file into a DataFrame.", "Plot a frame with matplotlib."],
+    "paths": ["Join path parts with os.path.join, which picks the right separator.", "Walk a tree of files."],
+    "pool": ["Set max_workers to bound the threads an executor starts.", "A future holds a pending result."],
+}
+
+
+class KeywordContract:
+    """What keyword and hybrid search must do in every store (mixed into a store's test class)."""
+
+    def fill(self, store: VectorStore) -> None:
+        for doc_id, texts in KEYWORD_TEXTS.items():
+            put_texts(store, doc_id, texts, section=doc_id)
+
+    @pytest.mark.parametrize("query", ["read_csv", "read csv", "pandas.read_csv", "How do I read a CSV?"])
+    def test_an_identifier_matches_as_a_whole_and_by_its_parts(self, store, query):
+        self.fill(store)
+        assert ids(store.search(keyword(query, 1))) == ["pandas-0"]
+
+    @pytest.mark.parametrize("query", ["os.path.join", "path join", "max_workers", "max workers"])
+    def test_dotted_and_snake_case_names_match(self, store, query):
+        self.fill(store)
+        want = "paths-0" if "join" in query else "pool-0"
+        assert ids(store.search(keyword(query, 1))) == [want]
+
+    def test_the_exact_spelling_ranks_above_its_parts_alone(self, store):
+        put_texts(store, "exact", ["call read_csv here"])
+        put_texts(store, "parts", ["read the csv spec first"])
+        assert ids(store.search(keyword("read_csv", 2))) == ["exact-0", "parts-0"]
+
+    def test_stop_words_do_not_decide_the_ranking(self, store):
+        put_texts(store, "wordy", ["how do I do it, and what is it, and how is it to be done, and why"])
+        put_texts(store, "topic", ["Checkpoints are saved with the orbax manager."])
+        assert ids(store.search(keyword("how do I save a checkpoint?", 1))) == ["topic-0"]
+
+    def test_the_heading_path_weighs_more_than_the_body(self, store):
+        chunks = [
+            Chunk("body-0", "body", "a passing mention of logging among other things here", {"heading_path": ["Install"]}),
+            Chunk("head-0", "head", "configure handlers and levels here", {"heading_path": ["Logging", "Setup"]}),
+        ]
+        for chunk in chunks:
+            store.upsert_document(record(chunk.doc_id), [chunk], np.stack([vector(0)]))
+        assert ids(store.search(keyword("logging", 2)))[0] == "head-0"
+
+    def test_replaced_and_deleted_documents_leave_the_keyword_index(self, store):
+        self.fill(store)
+        put_texts(store, "pandas", ["Nothing about files any more."])
+        assert store.search(keyword("read_csv")) == []
+        store.delete_document("paths")
+        assert store.search(keyword("os.path.join")) == []
+        assert ids(store.search(keyword("max_workers", 1))) == ["pool-0"]
+
+    def test_a_failed_write_leaves_no_keyword_trace(self, store):
+        self.fill(store)
+        bad = [Chunk("odd-0", "odd", "zygomorphic flowers", {})]
+        with pytest.raises(StoreError):
+            store.upsert_document(record("odd"), bad, np.ones((1, DIM + 1), np.float32))
+        assert store.search(keyword("zygomorphic")) == []
+
+    def test_keyword_search_honours_filters(self, store):
+        self.fill(store)
+        assert store.search(keyword("read_csv", 5, {"section": "paths"})) == []
+        assert ids(store.search(keyword("join", 5, {"section": {"$in": ["paths", "pool"]}}))) == ["paths-0"]
+
+    def test_a_query_of_punctuation_finds_nothing_and_does_not_fail(self, store):
+        self.fill(store)
+        for text in ['"', "?!*", "OR AND NEAR(", "-read_csv"]:
+            store.search(keyword(text))
+
+    def test_hybrid_fuses_the_dense_and_keyword_lists(self, store):
+        self.fill(store)
+        only_dense = text_vector(KEYWORD_TEXTS["pool"][1])  # the vector of "A future holds ..."
+        hits = store.search(SearchRequest(text="read_csv", vector=only_dense, mode="hybrid", k=2))
+        assert set(ids(hits)) == {"pool-1", "pandas-0"}
+        assert ids(store.search(SearchRequest(text="read_csv", vector=only_dense, mode="hybrid", k=1,
+                                              fusion=Fusion(keyword_weight=2.0)))) == ["pandas-0"]
+        assert ids(store.search(SearchRequest(text="read_csv", vector=only_dense, mode="hybrid", k=1,
+                                              fusion=Fusion(method="convex", dense_weight=2.0)))) == ["pool-1"]
+
+    def test_hits_carry_their_vectors_when_asked(self, store):
+        self.fill(store)
+        request = SearchRequest(text="read_csv", vector=text_vector("x"), mode="hybrid", k=6, with_vectors=True)
+        for hit in store.search(request):
+            assert np.allclose(hit.vector, text_vector(hit.chunk.text))
+        assert all(hit.vector is None for hit in store.search(keyword("read_csv")))
+
+    def test_document_chunks_come_in_reading_order(self, store):
+        self.fill(store)
+        assert [c.text for c in store.document_chunks("paths")] == KEYWORD_TEXTS["paths"]
+        assert store.document_chunks("missing") == []
+
+
+class StoreContract(KeywordContract):
     def test_implements_protocol(self, store):
         assert isinstance(store, VectorStore)
 
     def test_empty_store_searches_to_nothing(self, store):
-        assert store.search(vector(0), 5) == []
+        assert store.search(dense(vector(0), 5)) == []
         assert store.count() == 0
 
     def test_search_ranks_by_cosine(self, store):
         put(store, "a", [0, 1])
         put(store, "b", [2])
-        hits = store.search(vector(1), 3)
+        hits = store.search(dense(vector(1), 3))
         assert [h.chunk.chunk_id for h in hits][0] == "a-1"
         assert hits[0].score == pytest.approx(1.0, abs=1e-5)
         assert all(hits[i].score >= hits[i + 1].score for i in range(len(hits) - 1))
@@ -98,14 +205,14 @@ class StoreContract:
 
     def test_k_larger_than_index(self, store):
         put(store, "a", [0, 1])
-        assert len(store.search(vector(0), 50)) == 2
+        assert len(store.search(dense(vector(0), 50))) == 2
 
     def test_upsert_replaces_a_documents_chunks(self, store):
         put(store, "a", [0, 1, 2])
         put(store, "a", [3])
         assert store.count() == 1
         assert [r.chunk_ids for r in store.documents()] == [["a-0"]]
-        assert store.search(vector(3), 1)[0].chunk.chunk_id == "a-0"
+        assert store.search(dense(vector(3), 1))[0].chunk.chunk_id == "a-0"
 
     def test_delete_document_removes_chunks_and_manifest(self, store):
         put(store, "a", [0])
@@ -113,7 +220,7 @@ class StoreContract:
         store.delete_document("a")
         assert store.count() == 1
         assert [r.doc_id for r in store.documents()] == ["b"]
-        assert {h.chunk.doc_id for h in store.search(vector(0), 5)} == {"b"}
+        assert {h.chunk.doc_id for h in store.search(dense(vector(0), 5))} == {"b"}
 
     def test_manifest_keeps_failed_files_without_chunks(self, store):
         put(store, "a", [0])
@@ -125,12 +232,12 @@ class StoreContract:
     def test_filters_equal_in_and_list_fields(self, store):
         put(store, "a", [0, 0], format="pdf", groups=["eng", "ops"])
         put(store, "b", [0], format="html", groups=["sales"])
-        assert {h.chunk.doc_id for h in store.search(vector(0), 10, {"format": "pdf"})} == {"a"}
+        assert {h.chunk.doc_id for h in store.search(dense(vector(0), 10, {"format": "pdf"}))} == {"a"}
         assert store.count({"format": {"$in": ["html", "docx"]}}) == 1
         assert store.count({"groups": "ops"}) == 2
         assert store.count({"groups": {"$in": ["sales", "hr"]}}) == 1
         assert store.count({"format": "pdf", "groups": "sales"}) == 0
-        assert store.search(vector(0), 10, {"format": {"$in": []}}) == []
+        assert store.search(dense(vector(0), 10, {"format": {"$in": []}})) == []
 
     def test_list_fields_may_repeat_values(self, store):
         put(store, "a", [0], heading_path=["Decode", "Decode"])
@@ -161,7 +268,7 @@ class StoreContract:
         assert store.count({"page": 3}) == 1
         assert store.count({"page": {"$in": [3, 4]}}) == 2
         assert store.count({"score": 2}) == 1 and store.count({"score": 2.0}) == 1
-        assert [h.chunk.doc_id for h in store.search(vector(0), 5, {"draft": True})] == ["a"]
+        assert [h.chunk.doc_id for h in store.search(dense(vector(0), 5, {"draft": True}))] == ["a"]
         assert store.count({"draft": False}) == 1
 
     @pytest.mark.parametrize(
@@ -182,7 +289,7 @@ class StoreContract:
     )
     def test_bad_filters_are_rejected_naming_the_problem(self, store, filters, problem):
         put(store, "a", [0], format="pdf", page=3, draft=True)
-        for call in (lambda: store.search(vector(0), 1, filters), lambda: store.count(filters)):
+        for call in (lambda: store.search(dense(vector(0), 1, filters)), lambda: store.count(filters)):
             with pytest.raises(FilterError, match=problem) as raised:
                 call()
             assert isinstance(raised.value, ValueError)
@@ -196,7 +303,7 @@ class StoreContract:
         put(store, "a", [0, 1])
         for k in (0, -1):
             with pytest.raises(ValueError, match="k must be"):
-                store.search(vector(0), k)
+                store.search(dense(vector(0), k))
 
     def test_touch_document_saves_size_and_mtime_only(self, store):
         put(store, "a", [0, 1])
@@ -207,7 +314,7 @@ class StoreContract:
         assert (after.sha256, after.fingerprint, after.status, after.chunk_ids) == (
             before.sha256, before.fingerprint, before.status, before.chunk_ids,
         )
-        assert [h.chunk.chunk_id for h in store.search(vector(1), 1)] == ["a-1"]
+        assert [h.chunk.chunk_id for h in store.search(dense(vector(1), 1))] == ["a-1"]
         with pytest.raises(StoreError, match="missing"):
             store.touch_document("missing", 1, 1)
 
@@ -224,7 +331,7 @@ class StoreContract:
             store.upsert_document(record("a"), clash, np.stack([vector(3), vector(4)]))
         assert sorted(r.chunk_ids == ["a-0", "a-1"] for r in store.documents() if r.doc_id == "a") == [True]
         assert store.count() == 3
-        assert store.search(vector(1), 1)[0].chunk.chunk_id == "a-1"
+        assert store.search(dense(vector(1), 1))[0].chunk.chunk_id == "a-1"
 
     def test_meta_values(self, store):
         assert store.get_meta("missing") is None
@@ -236,7 +343,7 @@ class StoreContract:
         store.set_meta("embedder", "m1")
         store.clear()
         assert store.count() == 0 and store.documents() == [] and store.get_meta("embedder") is None
-        assert store.search(vector(0), 1) == []
+        assert store.search(dense(vector(0), 1)) == []
 
     def test_persist_and_reopen(self, store, reopen):
         put(store, "a", [0, 1])
@@ -246,8 +353,8 @@ class StoreContract:
         put(store, "c", [1])
         again = reopen()
         assert again.count() == 2
-        assert [h.chunk.chunk_id for h in again.search(vector(1), 1)] == ["c-0"]
-        assert {h.chunk.doc_id for h in again.search(vector(0), 5)} == {"b", "c"}
+        assert [h.chunk.chunk_id for h in again.search(dense(vector(1), 1))] == ["c-0"]
+        assert {h.chunk.doc_id for h in again.search(dense(vector(0), 5))} == {"b", "c"}
 
     def test_replaced_documents_pair_right_across_persists_and_reopens(self, store, reopen):
         rng = np.random.default_rng(7)
@@ -260,14 +367,15 @@ class StoreContract:
             again = reopen()
             for handle in (store, again):
                 query = text_vector(f"query {version}")
-                hits = handle.search(query, 4)
+                hits = handle.search(dense(query, 4))
                 assert_hits_pair_right(hits, query, 4)
                 assert len(hits) == min(4, handle.count())
 
     def test_a_second_handle_sees_new_writes(self, store, reopen):
         reader = reopen()
-        assert reader.search(vector(0), 1) == []
+        assert reader.search(dense(vector(0), 1)) == []
         put(store, "a", [0])
-        assert reader.search(vector(0), 1)[0].chunk.chunk_id == "a-0"
+        assert reader.search(dense(vector(0), 1))[0].chunk.chunk_id == "a-0"
         store.delete_document("a")
-        assert reader.search(vector(0), 1) == []
+        assert reader.search(dense(vector(0), 1)) == []
+

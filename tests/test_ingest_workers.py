@@ -13,6 +13,7 @@ import pytest
 
 from ragline.app import Ragline
 from ragline.config import Settings, SourceSettings
+from ragline.store.base import SearchRequest
 
 TESTS = Path(__file__).resolve().parent
 
@@ -77,6 +78,6 @@ def test_parallel_parsing_gives_exactly_the_index_of_a_serial_run(tmp_path, make
 
     assert rows(parallel) == rows(serial) and len(rows(serial)) >= 48
     query = serial.embedder.embed_queries(["rivers"])[0]
-    assert [(h.chunk.chunk_id, h.score) for h in parallel.store.search(query, 10)] == [
-        (h.chunk.chunk_id, h.score) for h in serial.store.search(query, 10)
+    assert [(h.chunk.chunk_id, h.score) for h in parallel.store.search(SearchRequest(vector=query, k=10))] == [
+        (h.chunk.chunk_id, h.score) for h in serial.store.search(SearchRequest(vector=query, k=10))
     ]

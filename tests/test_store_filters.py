@@ -7,7 +7,8 @@ import typer
 from store_contract import chunks_for, put, record
 
 from ragline.cli import _parse_filters, run
-from ragline.retrieve.dense import DenseRetriever
+from ragline.config import RetrieveSettings
+from ragline.retrieve.retriever import Retriever
 from ragline.store.base import MAX_IN_VALUES, FilterError, check_filters
 from ragline.store.local import LocalStore
 
@@ -93,7 +94,7 @@ def test_the_retriever_refuses_k_below_one(tmp_path, embedder):
     store = LocalStore(tmp_path)
     chunks = chunks_for("a", 1)
     store.upsert_document(record("a"), chunks, embedder.embed_documents([c.text for c in chunks]))
-    retriever = DenseRetriever(embedder, store, top_k=5)
+    retriever = Retriever(embedder, store, RetrieveSettings(top_k=5))
     for k in (0, -2):
         with pytest.raises(ValueError, match="k must be at least 1"):
             retriever.search("cache", k)

@@ -7,7 +7,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from store_contract import StoreContract, assert_hits_pair_right, put, put_texts, text_vector, vector
+from store_contract import StoreContract, assert_hits_pair_right, dense, put, put_texts, text_vector, vector
 
 from ragline.store.local import LocalStore
 
@@ -58,11 +58,11 @@ def test_a_search_sees_one_committed_state(data_dir):
     try:
         for round_ in range(5):
             query = text_vector(f"query {round_}")
-            assert_hits_pair_right(reader.search(query, 10), query, 10)
+            assert_hits_pair_right(reader.search(dense(query, 10)), query, 10)
     finally:
         reader._db.set_trace_callback(None)
     assert len(commits) >= 10
-    final = reader.search(text_vector("last"), 10)
+    final = reader.search(dense(text_vector("last"), 10))
     assert {h.chunk.text for h in final if h.chunk.doc_id == "a"} == {
         f"a v{len(commits)} {i}" for i in range(1 + len(commits) % 4)
     }
@@ -84,13 +84,13 @@ def test_a_snapshot_torn_between_its_files_is_not_trusted(data_dir, tmp_path):
 
     again = LocalStore(data_dir)
     query = text_vector("a new 1")
-    hits = again.search(query, 3)
+    hits = again.search(dense(query, 3))
     assert_hits_pair_right(hits, query, 3)
     assert hits[0].chunk.text == "a new 1"
     again.persist()  # and the next snapshot is right again
     again.close()
     third = LocalStore(data_dir)
-    assert_hits_pair_right(third.search(query, 3), query, 3)
+    assert_hits_pair_right(third.search(dense(query, 3)), query, 3)
     third.close()
 
 
@@ -105,7 +105,7 @@ def test_a_damaged_snapshot_is_rebuilt_from_the_database(data_dir):
 
     again = LocalStore(data_dir)
     query = text_vector("a 2")
-    hits = again.search(query, 4)
+    hits = again.search(dense(query, 4))
     assert_hits_pair_right(hits, query, 4)
     assert hits[0].chunk.text == "a 2"
     again.close()
@@ -124,11 +124,11 @@ def test_a_reader_behind_the_tombstone_compaction_rescans(data_dir):
     writer, reader = LocalStore(data_dir), LocalStore(data_dir)
     put(writer, "a", [0, 1])
     put(writer, "b", [2])
-    assert {h.chunk.doc_id for h in reader.search(vector(0), 5)} == {"a", "b"}
+    assert {h.chunk.doc_id for h in reader.search(dense(vector(0), 5))} == {"a", "b"}
     writer.delete_document("a")
     writer.persist()  # drops the tombstones its snapshot covers, the ones the reader has not seen
     put(writer, "c", [0])
-    assert {h.chunk.doc_id for h in reader.search(vector(0), 5)} == {"b", "c"}
+    assert {h.chunk.doc_id for h in reader.search(dense(vector(0), 5))} == {"b", "c"}
     assert reader.count() == 2
     writer.close(), reader.close()
 
@@ -151,7 +151,7 @@ def test_an_index_of_the_previous_version_is_upgraded(data_dir):
     again = LocalStore(data_dir)
     assert again.filter_fields() == {"title": "str", "chunk_index": "int", "format": "str", "page": "int"}
     assert again.count({"page": 2}) == 2
-    assert [h.chunk.chunk_id for h in again.search(vector(1), 1)] == ["a-1"]
+    assert [h.chunk.chunk_id for h in again.search(dense(vector(1), 1))] == ["a-1"]
     again.persist()
     assert not list((data_dir / "index").glob("*.npy")) and not (data_dir / "index" / "generation").exists()
     again.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_contract import pairing_errors, put_texts
+from store_contract import dense, pairing_errors, put_texts
 
 from ragline.store.local import LocalStore
 
@@ -49,7 +49,7 @@ def random_query(rng: np.random.Generator) -> tuple[np.ndarray, int, dict | None
 def search_errors(store: LocalStore, rng: np.random.Generator) -> list[str]:
     """One random search; what was wrong with its answer."""
     query, k, filters = random_query(rng)
-    hits = store.search(query, k, filters)
+    hits = store.search(dense(query, k, filters))
     errors = pairing_errors(hits, query, k)
     if filters:
         allowed = filters["title"]["$in"]
@@ -120,7 +120,7 @@ def reference_hits(data_dir: Path, scratch: Path, queries: list) -> list[list[tu
     source.close(), copy.close()
     rebuilt = LocalStore(folder)
     try:
-        return [[(h.chunk.chunk_id, h.score) for h in rebuilt.search(q, k, f)] for q, k, f in queries]
+        return [[(h.chunk.chunk_id, h.score) for h in rebuilt.search(dense(q, k, f))] for q, k, f in queries]
     finally:
         rebuilt.close()
 
@@ -130,7 +130,7 @@ def assert_store_answers_right(data_dir: Path, scratch: Path, rng: np.random.Gen
     queries = [random_query(rng) for _ in range(searches)]
     store = LocalStore(data_dir)
     try:
-        answers = [store.search(q, k, f) for q, k, f in queries]
+        answers = [store.search(dense(q, k, f)) for q, k, f in queries]
     finally:
         store.close()
     for (query, k, _), hits in zip(queries, answers):

@@ -7,19 +7,22 @@ first use: `ragline status` never loads the embedding model.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
 from anyio import to_thread
 
 from ragline import registry
-from ragline.config import Settings
+from ragline.config import RerankSettings, RetrieveSettings, Settings
 from ragline.embed.base import Embedder
 from ragline.generate.answerer import Answerer, AnswerEvent
+from ragline.generate.base import LLM
 from ragline.ingest.chunker import Chunker
 from ragline.pipeline import Indexer, Progress
-from ragline.retrieve.dense import DenseRetriever, Retrieval
+from ragline.retrieve.rerank import Reranker
+from ragline.retrieve.retriever import Message, Retrieval, Retriever
 from ragline.store.base import Filters, VectorStore
 from ragline.types import Answer
 
@@ -30,6 +33,8 @@ QueryEvent = dict[str, Any]
 class Ragline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._rerankers: dict[str, Reranker] = {}
+        self._rerankers_lock = threading.Lock()
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -55,8 +60,21 @@ class Ragline:
         )
 
     @cached_property
-    def retriever(self) -> DenseRetriever:
-        return DenseRetriever(self.embedder, self.store, self.settings.retrieve.top_k)
+    def retriever(self) -> Retriever:
+        return Retriever(self.embedder, self.store, self.settings.retrieve, self.reranker, self.query_llm)
+
+    def reranker(self, settings: RerankSettings) -> Reranker:
+        """The reranker these settings describe, built once (a request may name another than the config)."""
+        key = settings.model_dump_json()
+        with self._rerankers_lock:
+            if key not in self._rerankers:
+                backend = registry.resolve("reranker", settings.backend)
+                self._rerankers[key] = backend.from_settings(settings, self.query_llm)
+            return self._rerankers[key]
+
+    def query_llm(self) -> LLM | None:
+        """The LLM that rewrites queries and reranks by LLM: the cheap one when configured."""
+        return self.answerer.cheap_llm or self.answerer.llm
 
     @cached_property
     def answerer(self) -> Answerer:
@@ -68,19 +86,25 @@ class Ragline:
             self.settings.ingest, self.chunker, self.embedder, self.store, self.settings.data_dir, progress, wait_s
         )
 
-    def ask(self, question: str, k: int | None = None, filters: Filters | None = None) -> Iterator[QueryEvent]:
+    def ask(
+        self, question: str, k: int | None = None, filters: Filters | None = None,
+        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
+    ) -> Iterator[QueryEvent]:
         """Answer a question from the index: stage status, answer tokens, then the cited answer."""
         yield {"type": "status", "stage": "retrieve"}
-        retrieval = self.retriever.search(question, k, filters)
+        retrieval = self.retriever.search(question, k, filters, options, history)
         yield {"type": "status", "stage": "generate", "hits": len(retrieval.hits)}
         for event in self.answerer.stream(question, retrieval.hits):
             yield _query_event(event, retrieval)
 
-    async def aask(self, question: str, k: int | None = None, filters: Filters | None = None) -> AsyncIterator[QueryEvent]:
+    async def aask(
+        self, question: str, k: int | None = None, filters: Filters | None = None,
+        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
+    ) -> AsyncIterator[QueryEvent]:
         """`ask` for the event loop: building components (a model may be loaded or assembled), retrieval,
         routing and prompt building run in worker threads; generation streams asynchronously."""
         yield {"type": "status", "stage": "retrieve"}
-        retrieval = await to_thread.run_sync(lambda: self.retriever.search(question, k, filters))
+        retrieval = await to_thread.run_sync(lambda: self.retriever.search(question, k, filters, options, history))
         yield {"type": "status", "stage": "generate", "hits": len(retrieval.hits)}
         answerer = await to_thread.run_sync(lambda: self.answerer)
         async for event in answerer.astream(question, retrieval.hits):
@@ -89,6 +113,12 @@ class Ragline:
     def close(self) -> None:
         if "store" in self.__dict__:
             self.store.close()
+        with self._rerankers_lock:
+            for reranker in self._rerankers.values():
+                close = getattr(reranker, "close", None)
+                if close is not None:
+                    close()
+            self._rerankers.clear()
 
 
 def _query_event(event: AnswerEvent, retrieval: Retrieval) -> QueryEvent:

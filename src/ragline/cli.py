@@ -1,4 +1,4 @@
-"""The `ragline` command line: ingest, search, status, serve, config show."""
+"""The `ragline` command line: ingest, search, ask, status, serve, eval, tune, config show."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ragline.app import Ragline
-from ragline.config import ConfigError, Settings, SourceSettings, load_settings
+from ragline.config import ConfigError, RetrieveSettings, Settings, SourceSettings, load_settings, retrieve_options
 from ragline.embed.base import EmbedderError
+from ragline.evaluate.cli import eval_cli
+from ragline.evaluate.tune_cli import tune_command
 from ragline.generate.base import LLMError
 from ragline.pipeline import IngestError, IngestReport
 from ragline.registry import UnknownComponentError
-from ragline.retrieve.dense import Retrieval, RetrievalError
+from ragline.retrieve.retriever import Retrieval, RetrievalError
 from ragline.store.base import FilterError, StoreError, parse_filter_value
 
 EXIT_RUN_FAILED = 1
@@ -40,6 +42,7 @@ router_cli = typer.Typer(help="The cheap/strong model router.", no_args_is_help=
 cli.add_typer(router_cli, name="router")
 llm_cli = typer.Typer(help="The configured LLM.", no_args_is_help=True)
 cli.add_typer(llm_cli, name="llm")
+cli.add_typer(eval_cli, name="eval")
 # Lines are never soft-wrapped at the terminal width: a path or URL cut in two cannot be
 # copied, and a script must be able to parse every line (machine output uses plain print()).
 out = Console(soft_wrap=True)
@@ -96,7 +99,7 @@ def _print_report(report: IngestReport) -> None:
         ("unchanged files", report.unchanged),
         ("deleted files", len(report.deleted)),
         ("failed files", len(report.failed)),
-        ("skipped files (secrets, links)", len(report.skipped)),
+        ("skipped files (secrets, links, twins)", len(report.skipped)),
         ("unsupported files (skipped)", report.unsupported),
         ("chunks written", report.chunks),
         ("seconds", f"{report.seconds:.1f}"),
@@ -107,6 +110,8 @@ def _print_report(report: IngestReport) -> None:
         out.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}")
     for path, reason in report.skipped:
         out.print(f"[yellow]skipped[/yellow] {escape(path)}: {escape(reason)}")
+    for path, note in report.notes:
+        out.print(f"[dim]note[/dim] {escape(path)}: {escape(note)}")
 
 
 @cli.command()
@@ -150,6 +155,31 @@ def ingest(
 
 
 FILTER_OPTION = typer.Option("--filter", help="metadata filter field=value (repeatable)")
+MODE_OPTION = typer.Option("--mode", help="dense, keyword or hybrid (default: retrieve.mode)")
+RERANK_OPTION = typer.Option("--rerank", help="none, cross-encoder, http or llm (default: retrieve.rerank.backend)")
+RETRIEVE_OPTION = typer.Option(
+    "--retrieve", help="any retrieval setting for this call, e.g. mmr_lambda=0.7 or transforms.hyde=true (repeatable)"
+)
+
+
+def _retrieve_options(
+    base: RetrieveSettings, mode: str | None, rerank: str | None, items: list[str] | None
+) -> RetrieveSettings | None:
+    """The config's retrieval settings with this call's `--mode`, `--rerank` and `--retrieve key=value` options."""
+    overrides: dict[str, object] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint="--retrieve")
+        overrides[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    if mode is not None:
+        overrides["mode"] = mode
+    if rerank is not None:
+        overrides["rerank.backend"] = rerank
+    try:
+        return retrieve_options(base, overrides) if overrides else None
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--retrieve/--mode/--rerank") from None
 
 
 def _parse_filters(items: list[str] | None, fields: dict[str, str]) -> dict[str, object] | None:
@@ -184,12 +214,15 @@ def _as_json(result: Retrieval) -> str:
 @cli.command()
 def search(
     query: Annotated[Optional[str], typer.Argument(help="the question")] = None,
-    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="how many passages")] = 5,
+    k: Annotated[Optional[int], typer.Option("-k", min=1, max=1000, help="how many passages (default: retrieve.top_k)")] = None,
     queries: Annotated[
         Optional[Path], typer.Option(help="file with one query per line; prints one JSON line per query")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     filters: Annotated[Optional[list[str]], FILTER_OPTION] = None,
+    mode: Annotated[Optional[str], MODE_OPTION] = None,
+    rerank: Annotated[Optional[str], RERANK_OPTION] = None,
+    retrieve: Annotated[Optional[list[str]], RETRIEVE_OPTION] = None,
 ) -> None:
     """Find the passages that answer a question, each cited by its section URL."""
     if (query is None) == (queries is None):
@@ -199,10 +232,12 @@ def search(
     texts = [query] if query is not None else [
         line.strip() for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
-    app = Ragline(State.settings())
+    settings = State.settings()
+    options = _retrieve_options(settings.retrieve, mode, rerank, retrieve)
+    app = Ragline(settings)
     try:
         wanted = _parse_filters(filters, app.store.filter_fields())  # before the model loads: bad input fails fast
-        results = app.retriever.search_many(texts, k, wanted)
+        results = app.retriever.search_many(texts, k, wanted, options)
     finally:
         app.close()
     for result in results:
@@ -219,14 +254,19 @@ def ask(
     json_output: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print the answer when it is complete")] = False,
     filters: Annotated[Optional[list[str]], FILTER_OPTION] = None,
+    mode: Annotated[Optional[str], MODE_OPTION] = None,
+    rerank: Annotated[Optional[str], RERANK_OPTION] = None,
+    retrieve: Annotated[Optional[list[str]], RETRIEVE_OPTION] = None,
 ) -> None:
     """Answer a question from the indexed documents, with [n] citations to their sections."""
-    app = Ragline(State.settings())
+    settings = State.settings()
+    options = _retrieve_options(settings.retrieve, mode, rerank, retrieve)
+    app = Ragline(settings)
     live = not (json_output or no_stream)
     final: dict = {}
     streamed = False
     try:
-        for event in app.ask(question, k, _parse_filters(filters, app.store.filter_fields())):
+        for event in app.ask(question, k, _parse_filters(filters, app.store.filter_fields()), options):
             if event["type"] == "token" and live:
                 out.print(event["text"], end="", markup=False, highlight=False, soft_wrap=True)
                 streamed = True
@@ -350,6 +390,9 @@ def config_show() -> None:
     """Print the effective configuration (defaults, file and environment merged) as YAML."""
     settings = State.settings()
     print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+
+
+cli.command("tune")(tune_command)
 
 
 def run(argv: list[str] | None = None) -> int:

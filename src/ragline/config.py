@@ -6,8 +6,9 @@ Nested fields use `__` in environment variables, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -136,8 +137,73 @@ class StoreSettings(_Strict):
     backend: str = "local"
 
 
+class FusionSettings(_Strict):
+    """How hybrid search merges its dense and keyword rankings (and the retriever those of several phrasings)."""
+
+    method: Literal["rrf", "convex"] = Field(
+        default="rrf", description="rrf: reciprocal rank fusion; convex: weighted sum of min-max normalised scores"
+    )
+    rrf_k: int = Field(default=60, ge=0, description="RRF's rank offset: higher flattens the difference between ranks")
+    dense_weight: float = Field(default=1.0, ge=0)
+    keyword_weight: float = Field(default=1.0, ge=0)
+
+
+class RerankSettings(_Strict):
+    """A second opinion on the best candidates: slower and better than the first ranking."""
+
+    backend: Literal["none", "cross-encoder", "http", "llm"] = Field(
+        default="none",
+        description="cross-encoder: a local model folder (e.g. made by `ragline tune`); http: a TEI-style /rerank "
+        "server; llm: the cheap LLM (else the main one) scores passages",
+    )
+    model: str | None = Field(default=None, description="cross-encoder: model folder; http: the served model's name")
+    base_url: str | None = Field(default=None, description="http: the server, e.g. http://127.0.0.1:8080")
+    api_key: SecretStr | None = None
+    candidates: int = Field(default=20, ge=1, le=1000, description="how many of the best candidates are reranked")
+    batch_size: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="cross-encoder: pairs per forward pass (default 32); llm: passages per prompt (default 5)",
+    )
+    max_length: int = Field(default=384, ge=16, description="cross-encoder: tokens of query + passage")
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> RerankSettings:
+        if self.backend == "cross-encoder" and not self.model:
+            raise ValueError("rerank.backend cross-encoder needs rerank.model: a local model folder")
+        if self.backend == "http" and not self.base_url:
+            raise ValueError("rerank.backend http needs rerank.base_url")
+        return self
+
+
+class TransformSettings(_Strict):
+    """Query rewriting through the LLM (the cheap one if configured); each costs one LLM call per query."""
+
+    rewrite_history: bool = Field(
+        default=True, description="turn a follow-up into a standalone question when a chat history is given"
+    )
+    hyde: bool = Field(default=False, description="embed a hypothetical answer passage instead of the question")
+    multi_query: int = Field(default=0, ge=0, le=8, description="extra phrasings searched and fused with the question")
+
+
 class RetrieveSettings(_Strict):
-    top_k: int = Field(default=5, ge=1, le=1000)
+    """How passages are found; every field can also be set per request (API `options`, CLI flags)."""
+
+    top_k: int = Field(default=5, ge=1, le=1000, description="passages returned")
+    mode: Literal["dense", "keyword", "hybrid"] = "hybrid"
+    candidates: int = Field(default=50, ge=1, le=5000, description="passages fetched from the store before assembly (at least k)")
+    fusion: FusionSettings = Field(default_factory=FusionSettings)
+    dedupe: bool = Field(default=True, description="drop passages whose text repeats one ranked higher")
+    mmr_lambda: float | None = Field(
+        default=None, ge=0, le=1, description="maximal marginal relevance: 1 = relevance only, lower = more diverse"
+    )
+    max_per_page: int | None = Field(default=2, ge=1, description="cap of passages from one page (none: no cap)")
+    max_per_section: int | None = Field(default=1, ge=1, description="cap of passages from one section")
+    expand_neighbours: int = Field(
+        default=0, ge=0, le=5, description="chunks of the same section on each side joined to a hit (LLM context)"
+    )
+    rerank: RerankSettings = Field(default_factory=RerankSettings)
+    transforms: TransformSettings = Field(default_factory=TransformSettings)
 
 
 class LLMSettings(_Strict):
@@ -192,6 +258,14 @@ class GenerateSettings(_Strict):
         return self
 
 
+class JudgeSettings(_Strict):
+    """The LLM that grades answers in `ragline eval answers`."""
+
+    llm: LLMSettings | None = Field(default=None, description="the judge model; default: generate.llm")
+    max_tokens: int = Field(default=256, ge=16, description="longest verdict")
+    temperature: float = Field(default=0.0, ge=0, le=2)
+
+
 class ServeSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -217,6 +291,7 @@ class Settings(BaseSettings):
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
 
     @field_validator("data_dir")
     @classmethod
@@ -253,3 +328,31 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return Settings.model_validate(reader(**overrides).model_dump())
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def retrieve_options(base: RetrieveSettings, overrides: Mapping[str, Any] | None) -> RetrieveSettings:
+    """`base` with one request's overrides (nested keys as dicts or dotted names: `{"rerank.backend": "llm"}`).
+
+    Raises ConfigError naming the bad key or value; the result is validated like the config itself.
+    """
+    if not overrides:
+        return base
+    merged = base.model_dump()
+    for key, value in overrides.items():
+        *parents, name = str(key).split(".")
+        target = merged
+        for parent in parents:
+            if not isinstance(target.get(parent), dict):
+                raise ConfigError(f"unknown retrieval option {key!r}")
+            target = target[parent]
+        if isinstance(value, Mapping) and isinstance(target.get(name), dict):
+            target[name] = {**target[name], **value}
+        else:
+            target[name] = value
+    try:
+        return RetrieveSettings.model_validate(merged)
+    except ValueError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in getattr(exc, "errors", lambda: [])()
+        ) or str(exc)
+        raise ConfigError(f"invalid retrieval options: {problems}") from None

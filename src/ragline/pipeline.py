@@ -35,7 +35,7 @@ from ragline.locking import hold_exclusive
 from ragline.store.base import DocumentRecord, VectorStore
 from ragline.types import Chunk, utc_now
 
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"
 """Bump when loaders or chunking change what they produce, so every file is re-indexed."""
 
 LOCK_POLL_S = 0.2
@@ -53,6 +53,8 @@ class IngestReport:
     deleted: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    """What was left out of files that were indexed (an include outside the tree, say)."""
     unsupported: int = 0
     chunks: int = 0
     seconds: float = 0.0
@@ -274,7 +276,7 @@ class Indexer:
         except OSError as exc:
             report.failed.append((printable(item.path), f"cannot read: {exc.strerror}"))
             return None
-        indexed = known is not None and known.status == "indexed" and known.fingerprint == fingerprint
+        indexed = known is not None and known.status in ("indexed", "skipped") and known.fingerprint == fingerprint
         if indexed and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             report.unchanged += 1
             return None
@@ -293,7 +295,7 @@ class Indexer:
             report.unchanged += 1
             return None
         url = file_url(item.path, item.relative, source.url_template)
-        return _Candidate(record, is_new=known is None), ParseJob(doc_id, item.relative, url, data)
+        return _Candidate(record, is_new=known is None), ParseJob(doc_id, item.relative, url, data, root=str(root))
 
     def _read(self, path: Path, size: int) -> bytes:
         limit = int(self.settings.max_file_mb * 1024 * 1024)
@@ -312,6 +314,13 @@ class Indexer:
         if result.error:
             self._fail(candidate.record, result.error, report)
             return
+        if result.skipped:  # e.g. a notebook's jupytext twin: kept in the manifest, so it is not parsed again
+            record = candidate.record
+            record.status, record.error = "skipped", result.skipped
+            self.store.upsert_document(record, [], np.zeros((0, self.embedder.dim), dtype=np.float32))
+            report.skipped.append((record.source, result.skipped))
+            return
+        report.notes.extend((candidate.record.source, note) for note in result.notes)
         candidate.chunks = result.chunks
         self._pending.append(candidate)
         self._pending_chunks += len(result.chunks)

@@ -20,6 +20,11 @@ BUILTIN: dict[str, dict[str, str]] = {
     "store": {
         "local": "ragline.store.local:LocalStore",
     },
+    "reranker": {
+        "cross-encoder": "ragline.retrieve.rerank:CrossEncoderReranker",
+        "http": "ragline.retrieve.rerank:HTTPReranker",
+        "llm": "ragline.retrieve.rerank:LLMReranker",
+    },
     "llm": {
         "llama-cpp": "ragline.generate.local:LlamaCppLLM",
         "openai": "ragline.generate.openai_compat:OpenAICompatLLM",

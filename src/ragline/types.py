@@ -67,10 +67,14 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A chunk returned by a search, with its similarity score."""
+    """A chunk returned by a search, with its score (higher is better; its scale depends on the search mode).
+
+    `vector` is the chunk's embedding when the search asked for it (diversity needs it).
+    """
 
     chunk: Chunk
     score: float
+    vector: Any = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         meta = self.chunk.metadata

@@ -1,7 +1,8 @@
 """The per-file step of ingest: bytes in, chunks (or the reason there are none) out.
 
-`parse_file` is pure — it reads no file and writes nothing — so it runs the
-same in a local worker process (see `workers`) or on a distributed engine.
+`parse_file` is pure — it writes nothing and reads no file but those a docs page
+includes, inside its ingest root — so it runs the same in a local worker process
+(see `workers`) or on a distributed engine that sees the source folder.
 Content that must never be parsed is refused first: private keys, and zip
 files (DOCX) whose directory promises more than the limits allow.
 """
@@ -9,36 +10,45 @@ files (DOCX) whose directory promises more than the limits allow.
 from __future__ import annotations
 
 import io
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragline.config import IngestSettings
 from ragline.ingest.chunker import Chunker
-from ragline.ingest.loaders import LoadError, loader_for
+from ragline.ingest.loaders import LoadContext, LoadError, SkipFile, loader_for, run_loader
+from ragline.ingest.loaders.base import refuse_private_key
 from ragline.types import Chunk, Document
 
-_PRIVATE_KEY = re.compile(rb"\A\s*(-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|PuTTY-User-Key-File-)")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True, slots=True)
 class ParseJob:
-    """One file to parse. `source` is its path relative to its ingest root: what citations show."""
+    """One file to parse. `source` is its path relative to its ingest root (`root`): what citations show.
+
+    Without a root, the includes of docs pages are not resolved.
+    """
 
     doc_id: str
     source: str
     url: str
     data: bytes
+    root: str = ""
 
 
 @dataclass(slots=True)
 class ParseResult:
-    """The chunks of a file, or `error`: why it cannot be indexed, in words a user can act on."""
+    """The chunks of a file, or `error`: why it cannot be indexed, in words a user can act on.
+
+    `notes` say what was left out of a file that is indexed (an include that was not read);
+    `skipped` why a readable file is deliberately not indexed (a notebook's jupytext twin).
+    """
 
     chunks: list[Chunk] = field(default_factory=list)
     error: str = ""
+    notes: list[str] = field(default_factory=list)
+    skipped: str = ""
 
 
 def parse_file(job: ParseJob, settings: IngestSettings, chunker: Chunker) -> ParseResult:
@@ -50,7 +60,11 @@ def parse_file(job: ParseJob, settings: IngestSettings, chunker: Chunker) -> Par
         if found is None:
             raise LoadError("unsupported file type")
         format_name, load = found
-        parsed = load(job.data, Path(job.source))
+        context = LoadContext(
+            Path(job.root) if job.root else None, tuple(settings.exclude_secrets),
+            int(settings.max_file_mb * 1024 * 1024),
+        )
+        parsed = run_loader(load, job.data, Path(job.source), context)
         document = Document(
             doc_id=job.doc_id, source=job.source, url=job.url, format=format_name,
             title=parsed.title, sections=parsed.sections,
@@ -58,18 +72,15 @@ def parse_file(job: ParseJob, settings: IngestSettings, chunker: Chunker) -> Par
         chunks = chunker.chunk(document)
         if not chunks:
             raise LoadError("no text to index")
+    except SkipFile as exc:
+        return ParseResult(skipped=str(exc))
     except LoadError as exc:
         return ParseResult(error=str(exc))
     except MemoryError:
         return ParseResult(error=f"parsing needed more memory than ingest.file_memory_mb ({settings.file_memory_mb} MB)")
     except Exception as exc:  # a loader library failing on odd input must not end the batch
         return ParseResult(error=f"{type(exc).__name__}: {exc}")
-    return ParseResult(chunks)
-
-
-def refuse_private_key(data: bytes) -> None:
-    if _PRIVATE_KEY.match(data[:256]):
-        raise LoadError("the file holds a private key: never indexed")
+    return ParseResult(chunks, notes=parsed.notes)
 
 
 def check_archive(data: bytes, settings: IngestSettings) -> None:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio import to_thread
@@ -31,20 +31,35 @@ from starlette.types import Receive, Scope, Send
 
 from ragline import __version__
 from ragline.app import Ragline
-from ragline.config import Settings
-from ragline.retrieve.dense import RetrievalError
+from ragline.config import ConfigError, RetrieveSettings, Settings, retrieve_options
+from ragline.retrieve.retriever import RetrievalError
 from ragline.serve.readiness import Admission, GenerationQueue, Readiness, Unavailable, without_host_paths
 from ragline.store.base import FilterError, StoreError, check_filters
 
 log = logging.getLogger(__name__)
 
 
+class ChatTurn(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str = Field(max_length=8000)
+
+
 class SearchRequest(BaseModel):
     query: str = Field(min_length=1, max_length=4000)
-    k: int = Field(default=5, ge=1, le=100)
+    k: int | None = Field(default=None, ge=1, le=100, description="passages (default: retrieve.top_k)")
     filters: dict[str, Any] | None = Field(
         default=None, description='metadata filters: {"format": "pdf"} or {"source": {"$in": [...]}}'
     )
+    options: dict[str, Any] | None = Field(
+        default=None,
+        description='retrieval settings for this request, e.g. {"mode": "keyword", "rerank": {"backend": "llm"}}',
+    )
+    history: list[ChatTurn] | None = Field(
+        default=None, max_length=50, description="the conversation so far; a follow-up is rewritten to stand alone"
+    )
+
+    def turns(self) -> list[dict[str, str]] | None:
+        return [turn.model_dump() for turn in self.history] if self.history else None
 
 
 class HitOut(BaseModel):
@@ -158,6 +173,10 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
     async def bad_filter(_: Request, exc: FilterError) -> JSONResponse:
         return error_response(422, "invalid_filter", str(exc))
 
+    @api.exception_handler(ConfigError)
+    async def bad_options(_: Request, exc: ConfigError) -> JSONResponse:
+        return error_response(422, "invalid_options", str(exc))
+
     @api.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
@@ -210,26 +229,35 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
         headers = {"Retry-After": str(serve.busy_retry_after_s)} if status == 503 else None
         return JSONResponse(report, status_code=status, headers=headers)
 
+    def options(request: SearchRequest) -> RetrieveSettings | None:
+        """The request's retrieval options over the config's (a 422 naming the bad option)."""
+        return retrieve_options(settings.retrieve, request.options) if request.options else None
+
     @api.post("/v1/search", response_model=SearchResponse)
     async def search(request: SearchRequest) -> dict[str, Any]:
         ready.require("store", "embedder")
+        wanted = options(request)
         await checked_filters(request)
-        result = await to_thread.run_sync(ragline.retriever.search, request.query, request.k, request.filters)
+        result = await to_thread.run_sync(
+            lambda: ragline.retriever.search(request.query, request.k, request.filters, wanted, request.turns())
+        )
         return {"query": result.query, "hits": [hit.to_dict() for hit in result.hits], "timings": result.timings}
 
-    async def admitted(request: SearchRequest) -> Admission:
+    async def admitted(request: SearchRequest) -> tuple[Admission, RetrieveSettings | None]:
         """Checks that need no generation slot, then a place in the generation queue (or a 503 at once)."""
         ready.require("store", "embedder", "llm")
+        wanted = options(request)
         await checked_filters(request)
-        return queue.admit()
+        return queue.admit(), wanted
 
     @api.post("/v1/query")
     async def query(request: SearchRequest) -> dict[str, Any]:
         """The cited answer, when it is complete (same JSON as `ragline ask --json`, plus latency_ms)."""
         started = time.perf_counter()
         final: dict[str, Any] = {}
-        async with await admitted(request):
-            async for event in ragline.aask(request.query, request.k, request.filters):
+        admission, wanted = await admitted(request)
+        async with admission:
+            async for event in ragline.aask(request.query, request.k, request.filters, wanted, request.turns()):
                 if event["type"] == "answer":
                     final = {key: value for key, value in _public(event).items() if key != "type"}
         return {**final, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
@@ -238,14 +266,14 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
     async def query_stream(request: SearchRequest) -> StreamingResponse:
         """NDJSON events: `queued` when waiting for a turn, `status` per stage, `token` pieces, then the final
         `answer` (or an `error` with `code` and `message`)."""
-        admission = await admitted(request)
+        admission, wanted = await admitted(request)
 
         async def lines() -> AsyncGenerator[str, None]:
             try:
                 if admission.must_wait:
                     yield json.dumps({"type": "status", "stage": "queued"}) + "\n"
                 async with admission:
-                    async for event in ragline.aask(request.query, request.k, request.filters):
+                    async for event in ragline.aask(request.query, request.k, request.filters, wanted, request.turns()):
                         yield json.dumps(_public(event)) + "\n"
             except (RetrievalError, StoreError) as exc:
                 yield json.dumps(_error_event("index_unavailable", str(exc))) + "\n"

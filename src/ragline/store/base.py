@@ -1,4 +1,4 @@
-"""The `VectorStore` protocol, the manifest record it keeps per source file, and metadata filters.
+"""The `VectorStore` protocol, its `SearchRequest`, the manifest record it keeps per source file, and metadata filters.
 
 A store owns both the chunks and the manifest, and replaces a document's
 chunks and its manifest row in one transaction: that is what makes ingest
@@ -13,10 +13,11 @@ the problem and the known fields. Every store passes tests/store_contract.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from ragline.store.fusion import Fusion
 from ragline.types import Chunk, Hit
 
 Filters = Mapping[str, Any]
@@ -158,6 +159,39 @@ def parse_filter_value(name: str, text: str, fields: Mapping[str, str]) -> Any:
         raise FilterError(f"filter on {name!r} wants {expected}, got {text!r}; {describe_fields(fields)}") from None
 
 
+SearchMode = Literal["dense", "keyword", "hybrid"]
+SEARCH_MODES: tuple[str, ...] = ("dense", "keyword", "hybrid")
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRequest:
+    """Everything one search needs, so every store implements one call and later scopes ride along.
+
+    `dense` ranks by cosine similarity to `vector`; `keyword` by BM25 over the
+    terms of `text` (store/keywords.py), the heading path weighing more than
+    the body; `hybrid` runs both over the same committed state and merges them
+    with `fusion`. `with_vectors` returns each hit's embedding (for diversity).
+    """
+
+    text: str = ""
+    vector: np.ndarray | None = None
+    mode: SearchMode = "dense"
+    filters: Filters | None = None
+    k: int = 10
+    fusion: Fusion = Fusion()
+    with_vectors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in SEARCH_MODES:
+            raise ValueError(f"search mode must be one of {', '.join(SEARCH_MODES)}, not {self.mode!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.mode != "keyword" and self.vector is None:
+            raise ValueError(f"a {self.mode} search needs the query vector")
+        if self.mode != "dense" and not self.text.strip():
+            raise ValueError(f"a {self.mode} search needs the query text")
+
+
 @runtime_checkable
 class VectorStore(Protocol):
     """Chunks with vectors, searchable by cosine similarity under metadata filters."""
@@ -179,11 +213,15 @@ class VectorStore(Protocol):
         """The manifest: every source file seen, indexed or failed, with its chunk ids."""
         ...
 
-    def search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]:
-        """The k (at least 1) chunks closest to `vector` among those matching `filters`, as one committed state.
+    def search(self, request: SearchRequest) -> list[Hit]:
+        """The `request.k` best chunks for the request among those matching its filters, as one committed state.
 
-        Raises FilterError for filters that `check_filters` rejects, ValueError for k < 1.
+        Raises FilterError for filters that `check_filters` rejects.
         """
+        ...
+
+    def document_chunks(self, doc_id: str) -> list[Chunk]:
+        """A document's chunks in reading order (for expanding a hit with its neighbours)."""
         ...
 
     def count(self, filters: Filters | None = None) -> int:

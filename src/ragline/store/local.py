@@ -24,6 +24,11 @@ and takes ~20 ms at 100k×384. What is guaranteed:
 - **Filters** are checked against the type of each field, recorded on upsert
   in `fields` (widened when values of another type arrive, forgotten only by
   `clear()`).
+- **Keyword search** is SQLite FTS5 (BM25) over the code-aware terms of
+  store/keywords.py, in a table keyed by the chunk's seq, written in the same
+  transaction as the chunk and emptied by a trigger when the chunk goes: it
+  can never disagree with the vectors. A hybrid search reads both lists in
+  the same read transaction and fuses them (store/fusion.py).
 """
 
 from __future__ import annotations
@@ -39,14 +44,26 @@ from pathlib import Path
 import numpy as np
 
 from ragline.config import Settings
-from ragline.store import snapshot
-from ragline.store.base import DocumentRecord, Filters, StoreError, check_filters, merge_types, value_type
+from ragline.store import keywords, snapshot
+from ragline.store.base import (
+    DocumentRecord,
+    Filters,
+    SearchRequest,
+    StoreError,
+    check_filters,
+    merge_types,
+    value_type,
+)
+from ragline.store.fusion import fuse
 from ragline.store.snapshot import Snapshot
 from ragline.types import Chunk, Hit, utc_now
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""2 → 3 added the keyword index (filled from the chunks on upgrade)."""
+HEADING_WEIGHT = 2.0
+"""BM25 weight of a chunk's title and heading path against its body (1.0): a heading names the topic."""
 BUSY_TIMEOUT_S = 30.0
 """How long a statement waits for another process's write lock before failing."""
 
@@ -84,6 +101,11 @@ CREATE TRIGGER IF NOT EXISTS chunks_tombstone AFTER DELETE ON chunks
 BEGIN
     INSERT INTO tombstones(seq) VALUES (old.seq);
 END;
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(heading, body, tokenize="porter unicode61 tokenchars '_'");
+CREATE TRIGGER IF NOT EXISTS chunks_unindex AFTER DELETE ON chunks
+BEGIN
+    DELETE FROM chunks_fts WHERE rowid = old.seq;
+END;
 CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, type TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0');
@@ -115,6 +137,11 @@ def _filter_sql(wanted: dict[str, list]) -> tuple[str, list]:
     return " INTERSECT ".join(selects) or "SELECT seq FROM chunks", params
 
 
+def _keyword_row(seq: int, text: str, metadata: dict) -> tuple[int, str, str]:
+    heading = " ".join(metadata.get("heading_path") or ()) or str(metadata.get("title", ""))
+    return seq, keywords.index_text(heading), keywords.index_text(text)
+
+
 def _int_column(rows: Iterable[tuple[int]]) -> np.ndarray:
     return np.fromiter((value for (value,) in rows), dtype=np.int64)
 
@@ -144,9 +171,17 @@ class LocalStore:
         """Create the tables, or bring a database of an earlier version up to date (learning its field types)."""
         with self._lock:
             try:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};")
                 metadata = (json.loads(text) for (text,) in self._db.execute("SELECT metadata FROM chunks"))
                 self._record_fields(self._db, metadata)
+                if version < 3:  # (re)build the keyword index from the chunks
+                    self._db.execute("DELETE FROM chunks_fts")
+                    rows = self._db.execute("SELECT seq, text, metadata FROM chunks").fetchall()
+                    self._db.executemany(
+                        "INSERT INTO chunks_fts(rowid, heading, body) VALUES (?, ?, ?)",
+                        (_keyword_row(seq, text, json.loads(meta)) for seq, text, meta in rows),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -216,6 +251,10 @@ class LocalStore:
             db.executemany(
                 "INSERT OR IGNORE INTO tags(field, value, seq) VALUES (?, ?, ?)",  # a list may repeat a value
                 (tag for chunk in chunks for tag in _tags(seqs[chunk.chunk_id], chunk.metadata)),
+            )
+            db.executemany(
+                "INSERT INTO chunks_fts(rowid, heading, body) VALUES (?, ?, ?)",
+                (_keyword_row(seqs[chunk.chunk_id], chunk.text, chunk.metadata) for chunk in chunks),
             )
             self._record_fields(db, (chunk.metadata for chunk in chunks))
 
@@ -338,38 +377,76 @@ class LocalStore:
                 (mirror.tombstone,),
             )
 
-    def search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]:
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+    def search(self, request: SearchRequest) -> list[Hit]:
         with self._reading() as db:
-            wanted = check_filters(filters, self.filter_fields()) if filters is not None else {}
+            wanted = check_filters(request.filters, self.filter_fields()) if request.filters is not None else {}
             mirror = self._refresh(db)
             if not len(mirror.seqs):
                 return []
-            if query.shape[0] != mirror.dim:
-                raise StoreError(f"query has {query.shape[0]} dims, the index {mirror.dim}")
-            scores = mirror.matrix @ query
-            if wanted:
-                query_sql, params = _filter_sql(wanted)
-                scores = np.where(np.isin(mirror.seqs, _int_column(db.execute(query_sql, params))), scores, -np.inf)
-            k = min(k, len(scores))
-            top = np.argpartition(-scores, k - 1)[:k]
-            top = top[np.argsort(-scores[top])]
-            top = top[np.isfinite(scores[top])]
-            if not len(top):
-                return []
-            wanted_seqs = mirror.seqs[top].tolist()
-            listed = ",".join(map(str, wanted_seqs))
+            allowed = _int_column(db.execute(*_filter_sql(wanted))) if wanted else None
+            ranked: list[tuple[np.ndarray, np.ndarray]] = []  # (seqs, scores) per list, best first
+            if request.mode != "keyword":
+                ranked.append(self._dense(mirror, request, allowed))
+            if request.mode != "dense":
+                ranked.append(self._keyword(db, request, wanted))
+            listed = ",".join(map(str, {int(seq) for seqs, _ in ranked for seq in seqs}))
             rows = db.execute(
                 f"SELECT seq, chunk_id, doc_id, text, metadata FROM chunks WHERE seq IN ({listed})"
             ).fetchall()
-        by_seq = {row[0]: row for row in rows}
-        return [
-            Hit(Chunk(row[1], row[2], row[3], json.loads(row[4])), float(scores[i]))
-            for i, seq in zip(top.tolist(), wanted_seqs)
-            if (row := by_seq.get(seq)) is not None
-        ]
+        chunks = {row[0]: Chunk(row[1], row[2], row[3], json.loads(row[4])) for row in rows}
+        lists = []
+        for seqs, scores in ranked:
+            vectors = mirror.matrix[np.searchsorted(mirror.seqs, seqs)] if request.with_vectors else [None] * len(seqs)
+            lists.append([
+                Hit(chunks[seq], float(score), vector)
+                for seq, score, vector in zip(seqs.tolist(), scores.tolist(), vectors)
+                if seq in chunks
+            ])
+        if len(lists) == 1:
+            return lists[0]
+        fusion = request.fusion
+        weights = (fusion.dense_weight, fusion.keyword_weight)
+        return fuse(lists, weights, fusion.method, fusion.rrf_k, request.k)
+
+    @staticmethod
+    def _dense(mirror: Snapshot, request: SearchRequest, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        query = np.asarray(request.vector, dtype=np.float32).reshape(-1)
+        if query.shape[0] != mirror.dim:
+            raise StoreError(f"query has {query.shape[0]} dims, the index {mirror.dim}")
+        scores = mirror.matrix @ query
+        if allowed is not None:
+            scores = np.where(np.isin(mirror.seqs, allowed), scores, -np.inf)
+        k = min(request.k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top])]
+        top = top[np.isfinite(scores[top])]
+        return mirror.seqs[top], scores[top]
+
+    @staticmethod
+    def _keyword(db: sqlite3.Connection, request: SearchRequest, wanted: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
+        """BM25's best (FTS5 gives lower-is-better scores; they are negated so that higher is better)."""
+        match = keywords.fts_query(request.text)
+        if match is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        where = "chunks_fts MATCH ?"
+        params: list = [HEADING_WEIGHT, match]
+        if wanted:
+            filter_sql, filter_params = _filter_sql(wanted)
+            where += f" AND rowid IN ({filter_sql})"
+            params += filter_params
+        rows = db.execute(
+            f"SELECT rowid, -bm25(chunks_fts, ?, 1.0) AS score FROM chunks_fts WHERE {where} "
+            "ORDER BY score DESC LIMIT ?",
+            [*params, request.k],
+        ).fetchall()
+        return np.array([seq for seq, _ in rows], np.int64), np.array([score for _, score in rows], np.float32)
+
+    def document_chunks(self, doc_id: str) -> list[Chunk]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT chunk_id, doc_id, text, metadata FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,)
+            ).fetchall()
+        return [Chunk(cid, did, text, json.loads(meta)) for cid, did, text, meta in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -1,27 +1,34 @@
-"""Jupyter notebook loader: the notebook is rendered to Markdown, then split like Markdown.
+"""Jupyter notebook loader: the notebook is rendered to Markdown, then split like MyST Markdown.
 
-Markdown cells are kept as written; code cells become fenced blocks in the kernel's
-language; their text outputs (stream and text/plain results) follow as plain fenced
-blocks, cut to 500 characters. Images, HTML and other rich outputs are dropped: they
-carry no searchable text. The JSON is read directly: nbformat would be a heavy
-dependency for what is a plain JSON document.
+Markdown cells are read as MyST (directives, roles, includes: see `markdown`); code
+cells become fenced blocks in the kernel's language; their short text outputs (stdout
+and text/plain results) follow as plain fenced blocks, cut to 20 lines and 500
+characters. Images, HTML, widgets, errors and stderr (warnings, progress bars) are
+dropped: they carry no searchable text. Cells tagged as the built page hides them
+(myst-nb's `remove-cell`, `remove-input`, `remove-output`) are left out likewise. The
+JSON is read directly: nbformat would be a heavy dependency for a plain JSON document.
+
+A jupytext pair (this .ipynb and an .md twin with a `jupytext` header) is indexed
+from the .ipynb; the .md twin is skipped (see `markdown`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ragline.ingest.loaders.base import LoadError, ParsedFile, decode_text
-from ragline.ingest.loaders.markdown import split_markdown
+from ragline.ingest.loaders.base import Includes, LoadContext, LoadError, ParsedFile, decode_text
+from ragline.ingest.loaders.markdown import fence, split_markdown
 
 MAX_OUTPUT_CHARS = 500
-_BACKTICK_RUN = re.compile(r"`{3,}")
+MAX_OUTPUT_LINES = 20
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
-def load_notebook(data: bytes, path: Path) -> ParsedFile:
+def load_notebook(data: bytes, path: Path, *, context: LoadContext = LoadContext()) -> ParsedFile:
     """Load a .ipynb file as Markdown sections, code and outputs included."""
     try:
         notebook = json.loads(decode_text(data, path))
@@ -35,7 +42,8 @@ def load_notebook(data: bytes, path: Path) -> ParsedFile:
     markdown = "\n\n".join(
         part for cell in cells if isinstance(cell, dict) for part in _render(cell, language)
     )
-    return split_markdown(markdown, str(metadata.get("title") or path.stem))
+    title = str(metadata.get("title") or path.stem)
+    return split_markdown(markdown, PurePosixPath(path.as_posix()), title, Includes(context), language)
 
 
 def _language(metadata: dict[str, Any]) -> str:
@@ -50,33 +58,51 @@ def _language(metadata: dict[str, Any]) -> str:
 
 def _render(cell: dict[str, Any], language: str) -> list[str]:
     """The Markdown for one cell: its source, then its text outputs for a code cell."""
+    tags = _tags(cell)
+    if "remove-cell" in tags:
+        return []
     source = _text(cell.get("source"))
     if cell.get("cell_type") == "markdown":
         return [source]
     if cell.get("cell_type") != "code":
         return []  # raw cells are for nbconvert, not readers
-    parts = [_fence(source, language)] if source.strip() else []
+    parts = [fence(source, language)] if source.strip() and "remove-input" not in tags else []
+    if "remove-output" in tags:
+        return parts
     for output in cell.get("outputs") or ():
         text = _output_text(output) if isinstance(output, dict) else ""
         if text.strip():
-            if len(text) > MAX_OUTPUT_CHARS:
-                text = text[:MAX_OUTPUT_CHARS] + "…"
-            parts.append(_fence(text, ""))
+            parts.append(fence(_shortened(text), ""))
     return parts
 
 
-def _output_text(output: dict[str, Any]) -> str:
-    """Text of a stream or text/plain output.
+def _tags(cell: dict[str, Any]) -> set[str]:
+    metadata = cell.get("metadata")
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return {tag for tag in tags if isinstance(tag, str)} if isinstance(tags, list) else set()
 
-    A plot's text/plain is only "<Figure size 640x480 with 1 Axes>", so outputs holding an
-    image are dropped whole; a table's text/plain (beside its HTML) is kept.
+
+def _output_text(output: dict[str, Any]) -> str:
+    """Text of a stdout stream or a text/plain result.
+
+    A plot's text/plain is only "<Figure size 640x480 with 1 Axes>" and a widget's is its
+    Python repr, so outputs holding an image or a widget are dropped whole; a table's
+    text/plain (beside its HTML) is kept.
     """
     if output.get("output_type") == "stream":
-        return _text(output.get("text"))
+        return _ANSI_ESCAPE.sub("", _text(output.get("text"))) if output.get("name") != "stderr" else ""
     data = output.get("data")
-    if not isinstance(data, dict) or any(kind.startswith("image/") for kind in data):
+    if not isinstance(data, dict) or _WIDGET in data or any(kind.startswith("image/") for kind in data):
         return ""
-    return _text(data.get("text/plain"))
+    return _ANSI_ESCAPE.sub("", _text(data.get("text/plain")))
+
+
+def _shortened(text: str) -> str:
+    lines = text.rstrip().split("\n")
+    short = "\n".join(lines[:MAX_OUTPUT_LINES])
+    if len(short) > MAX_OUTPUT_CHARS:
+        short = short[:MAX_OUTPUT_CHARS]
+    return short + "…" if short != text.rstrip() else short
 
 
 def _text(value: Any) -> str:
@@ -84,10 +110,3 @@ def _text(value: Any) -> str:
     if isinstance(value, list):
         return "".join(str(line) for line in value)
     return value if isinstance(value, str) else ""
-
-
-def _fence(content: str, language: str) -> str:
-    """A fenced block that its content cannot close early, however many backticks it holds."""
-    longest = max((len(run) for run in _BACKTICK_RUN.findall(content)), default=2)
-    fence = "`" * (longest + 1)
-    return f"{fence}{language}\n{content.rstrip()}\n{fence}"

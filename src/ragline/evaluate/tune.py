@@ -1,0 +1,402 @@
+"""`ragline tune`: train a reranker on the user's own corpus, offline, on CPU, and keep it only if it helps.
+
+Questions come from the corpus itself (LLM-written synthetic questions, plus
+heading → section pairs); hard negatives come from keyword and dense search over
+the index, never from the positive's own page (a neighbouring chunk of the same
+page may answer the question too). A cross-encoder is initialised from the local
+embedding model and trained with binary cross-entropy within a wall-time budget.
+Fine-tuning on documentation can hurt, so the model is measured through the
+configured retriever on held-out synthetic questions and on the dev sets, and
+saved only when no set gets worse and at least one gets better.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ragline.config import retrieve_options
+from ragline.embed.base import Embedder
+from ragline.evaluate.records import read_questions
+from ragline.evaluate.retrieval import RetrievalReport, evaluate_retrieval
+from ragline.evaluate.synthetic import generate_questions, heuristic_pairs
+from ragline.generate.base import LLM
+from ragline.store.base import SearchRequest, VectorStore
+from ragline.types import Chunk
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
+
+    from ragline.app import Ragline
+
+Progress = Callable[[str, int, int], None]
+"""Called as `progress(phase, done, total)`; phases: generate, mine, train, evaluate."""
+
+Pair = dict[str, str]
+"""`{"question", "source", "chunk_id"}`, as `generate_questions` and `heuristic_pairs` make them."""
+
+
+def passage_text(chunk: Chunk) -> str:
+    """What the reranker reads of a chunk: its heading path, then its text (as the embedder sees it)."""
+    return chunk.embed_text
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPair:
+    question: str
+    positive: Chunk
+    negatives: tuple[Chunk, ...]
+
+
+@dataclass(slots=True)
+class TuneReport:
+    pairs: dict[str, int]
+    training_examples: int = 0
+    steps: int = 0
+    before: dict[str, RetrievalReport] = field(default_factory=dict)
+    after: dict[str, RetrievalReport] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    kept: bool = False
+    reason: str = ""
+    model_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_chunks(store: VectorStore) -> list[Chunk]:
+    """Every indexed chunk, document by document in reading order."""
+    return [chunk for record in store.documents() if record.status == "indexed"
+            for chunk in store.document_chunks(record.doc_id)]
+
+
+def _same_page(a: Chunk, b: Chunk) -> bool:
+    return a.doc_id == b.doc_id or bool(a.metadata.get("url")) and a.metadata.get("url") == b.metadata.get("url")
+
+
+def mine_negatives(
+    pairs: Sequence[Pair],
+    chunks_by_id: dict[str, Chunk],
+    store: VectorStore,
+    embedder: Embedder,
+    per_question: int = 4,
+    k: int = 30,
+    progress: Progress | None = None,
+) -> list[TrainingPair]:
+    """For each question, the best-ranked chunks of keyword and dense search, taken in turn, that are not
+    on the positive's page: the passages a first stage confuses with the answer."""
+    usable = [pair for pair in pairs if pair["chunk_id"] in chunks_by_id]
+    vectors = embedder.embed_queries([pair["question"] for pair in usable])
+    mined = []
+    for done, (pair, vector) in enumerate(zip(usable, vectors), 1):
+        positive = chunks_by_id[pair["chunk_id"]]
+        keyword = store.search(SearchRequest(text=pair["question"], mode="keyword", k=k))
+        dense = store.search(SearchRequest(text=pair["question"], vector=vector, mode="dense", k=k))
+        negatives: dict[str, Chunk] = {}
+        for hit in _interleave(keyword, dense):
+            if len(negatives) == per_question:
+                break
+            if not _same_page(hit.chunk, positive):
+                negatives.setdefault(hit.chunk.chunk_id, hit.chunk)
+        if negatives:
+            mined.append(TrainingPair(pair["question"], positive, tuple(negatives.values())))
+        if progress is not None:
+            progress("mine", done, len(usable))
+    return mined
+
+
+def _interleave(*rankings: Sequence[Any]) -> list[Any]:
+    """Rank by rank across several rankings: the first of each, then the second of each, and so on."""
+    depth = max(map(len, rankings), default=0)
+    return [ranking[i] for i in range(depth) for ranking in rankings if i < len(ranking)]
+
+
+def new_cross_encoder(base_model: Path, max_length: int = 256) -> CrossEncoder:
+    """A cross-encoder on the encoder of `base_model` (a local folder) with a new, untrained one-logit head."""
+    from sentence_transformers import CrossEncoder
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    # Both libraries warn that the head is new and untrained: here that is the point.
+    loggers = [logging.getLogger("sentence_transformers"), logging.getLogger("transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        return CrossEncoder(str(base_model), num_labels=1, max_length=max_length, device="cpu", local_files_only=True)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def train_cross_encoder(
+    model: CrossEncoder,
+    pairs: Sequence[TrainingPair],
+    *,
+    deadline: float,
+    epochs: int = 1,
+    batch_size: int = 16,
+    learning_rate: float = 3e-5,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> int:
+    """Train `model` with BCE on (question, passage, 1 or 0) until the epochs are done or `time.monotonic()`
+    passes `deadline`; returns the steps taken. Positives are weighted by the negatives per question, so
+    the loss does not favour saying "no"."""
+    import torch
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    examples = [(p.question, passage_text(p.positive), 1.0) for p in pairs]
+    examples += [(p.question, passage_text(negative), 0.0) for p in pairs for negative in p.negatives]
+    negatives_per_positive = (len(examples) - len(pairs)) / max(len(pairs), 1)
+    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(max(negatives_per_positive, 1.0)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    total = epochs * math.ceil(len(examples) / batch_size)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 10), total)
+    rng = random.Random(seed)
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        rng.shuffle(examples)
+        for start in range(0, len(examples), batch_size):
+            if time.monotonic() > deadline:
+                break
+            batch = examples[start : start + batch_size]
+            value = loss([[q for q, _, _ in batch], [p for _, p, _ in batch]], torch.tensor([y for _, _, y in batch]))
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            steps += 1
+            if progress is not None:
+                progress("train", steps, total)
+    model.eval()
+    return steps
+
+
+class StagedModel:
+    """A model written to a hidden folder beside its target, to be measured from disk, then published by
+    one rename (so the target is absent or complete, whatever happens) or discarded.
+
+    Leaving the `with` block without `publish` discards it; a killed process leaves a hidden
+    `.<name>.partial-<pid>` folder, removed by the next StagedModel in the same folder.
+    """
+
+    def __init__(self, model: CrossEncoder, target: Path) -> None:
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(".*.partial-*"):
+            pid = stale.name.rsplit("-", 1)[1]
+            if not (pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.path = target.parent / f".{target.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            model.save_pretrained(str(self.path))
+        except BaseException:
+            self.discard()
+            raise
+
+    def publish(self, card: dict[str, Any]) -> Path:
+        """Add `card` as card.json, flush everything to disk and rename the folder to the target."""
+        (self.path / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        for path in self.path.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as handle:
+                    os.fsync(handle.fileno())
+        os.rename(self.path, self.target)
+        directory = os.open(self.target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+        return self.target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def split_holdout(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(training, held out): the pairs of `fraction` of the pages are held out, so that no held-out question
+    has its page's sections among the training positives."""
+    pages = sorted({pair["source"].split("#", 1)[0] for pair in pairs})
+    random.Random(seed).shuffle(pages)
+    held_pages = set(pages[: round(len(pages) * fraction)])
+    split: dict[bool, list[Pair]] = {False: [], True: []}
+    for pair in pairs:
+        split[pair["source"].split("#", 1)[0] in held_pages].append(pair)
+    return split[False], split[True]
+
+
+@dataclass(slots=True)
+class TuneOptions:
+    questions: int = 200
+    negatives: int = 4
+    holdout: float = 0.2
+    max_minutes: float = 60.0
+    generate_share: float = 0.5
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 3e-5
+    max_length: int | None = None
+    """Tokens of question + passage; default: retrieve.rerank.max_length, what the reranker will read."""
+    eval_questions: int = 100
+    """Held-out pairs measured per kind (reranking every one of them costs evaluation time)."""
+    seed: int = 0
+    dev_sets: list[Path] = field(default_factory=list)
+
+
+class _PhaseProgress:
+    """E's evaluation progress protocol (start/advance) drawn as one phase of the tune progress."""
+
+    def __init__(self, progress: Progress | None, phase: str) -> None:
+        self.progress, self.phase = progress, phase
+        self.done = self.total = 0
+
+    def start(self, total: int, done: int) -> None:
+        self.total, self.done = total, done
+        self.advance(0)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.phase, self.done, self.total)
+
+
+def figures(report: RetrievalReport) -> dict[str, float]:
+    """The figures a tune run is judged on: page-level hit@5 and MRR, anchor-level hit@5."""
+    return {"hit@5": report.page["hit@5"], "mrr": report.page["mrr"], "anchor hit@5": report.anchor["hit@5"],
+            "questions": report.questions}
+
+
+def tune(app: Ragline, options: TuneOptions, llm: LLM | None, progress: Progress | None = None) -> TuneReport:
+    """Generate pairs, mine negatives, train, measure and keep (or drop) a reranker; see the module docstring.
+
+    `llm` writes synthetic questions (None: heading pairs only). Generation stops at `generate_share` of the
+    budget; training stops when what is left of the budget is what the final evaluation should take.
+    The model is kept when, on the dev sets (else the held-out pairs), page hit@5 and MRR drop nowhere and
+    MRR rises somewhere.
+    """
+    from ragline.embed.sentence_transformer import resolve_model_dir
+
+    settings = app.settings
+    started = clock = time.monotonic()
+    budget_end = started + options.max_minutes * 60
+    max_length = options.max_length or settings.retrieve.rerank.max_length
+    work = settings.data_dir / "tune"
+    report = TuneReport(pairs={})
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        report.timings[phase] = round(time.monotonic() - clock, 1)
+        clock = time.monotonic()
+
+    def measure(name: str, rows: list[Pair], retrieve: Any = None) -> RetrievalReport:
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        phase = _PhaseProgress(progress, f"evaluate {name}")
+        return evaluate_retrieval(app, rows, work / "eval" / f"{slug}.jsonl", options=retrieve, progress=phase)
+
+    dev_sets = {path.stem: read_questions(path, required=("question", "source")) for path in options.dev_sets}
+    chunks = load_chunks(app.store)
+    if not chunks:
+        raise ValueError("the index is empty: run `ragline ingest` before `ragline tune`")
+    headings = heuristic_pairs(chunks)
+    synthetic: list[Pair] = []
+    if llm is not None and options.questions > 0:
+        work.mkdir(parents=True, exist_ok=True)
+        synthetic = generate_questions(
+            chunks, llm, options.questions, seed=options.seed, cache=work / "questions.jsonl",
+            deadline=started + options.max_minutes * 60 * options.generate_share,
+            progress=None if progress is None else lambda done, total: progress("generate", done, total),
+        )
+        if len(synthetic) < options.questions:
+            report.notes.append(f"{len(synthetic)} of {options.questions} synthetic questions (time budget or filters)")
+    report.pairs = {"synthetic": len(synthetic), "headings": len(headings)}
+    lap("generate")
+
+    train_synthetic, held_synthetic = split_holdout(synthetic, options.holdout, options.seed)
+    train_headings, held_headings = split_holdout(headings, options.holdout, options.seed)
+    rng = random.Random(options.seed)
+    held = {"held-out synthetic": held_synthetic, "held-out headings": held_headings}
+    held = {name: rng.sample(rows, min(len(rows), options.eval_questions)) for name, rows in held.items()}
+    evaluation = {name: rows for name, rows in [*held.items(), *dev_sets.items()] if rows}
+    by_id = {chunk.chunk_id: chunk for chunk in chunks}
+    training = mine_negatives(
+        train_synthetic + train_headings, by_id, app.store, app.embedder, options.negatives, progress=progress
+    )
+    if not training:
+        raise ValueError("no training pairs: the index has no sections with enough prose under a heading")
+    report.training_examples = sum(1 + len(pair.negatives) for pair in training)
+    lap("mine")
+
+    report.before = {name: measure(name, rows) for name, rows in evaluation.items()}
+    first_stage_s = time.monotonic() - clock
+    lap("evaluate before")
+
+    model = new_cross_encoder(resolve_model_dir(settings.embedder.model), max_length)
+    probe = [(pair.question, passage_text(pair.positive)) for pair in training[:32]]
+    timer = time.monotonic()
+    model.predict(probe, batch_size=options.batch_size, show_progress_bar=False)
+    seconds_per_pair = (time.monotonic() - timer) / len(probe)
+    questions = sum(map(len, evaluation.values()))
+    expected_eval_s = first_stage_s + questions * settings.retrieve.rerank.candidates * seconds_per_pair
+    report.steps = train_cross_encoder(
+        model, training, deadline=budget_end - expected_eval_s, epochs=options.epochs,
+        batch_size=options.batch_size, learning_rate=options.learning_rate, seed=options.seed, progress=progress,
+    )
+    lap("train")
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    with StagedModel(model, settings.data_dir / "models" / f"reranker-{stamp}") as staged:
+        with_model = retrieve_options(
+            settings.retrieve, {"rerank.backend": "cross-encoder", "rerank.model": str(staged.path)}
+        )
+        report.after = {name: measure(name, rows, with_model) for name, rows in evaluation.items()}
+        lap("evaluate after")
+        judged = list(dev_sets) or list(evaluation)
+        before = {name: figures(report.before[name]) for name in judged}
+        after = {name: figures(report.after[name]) for name in judged}
+        worse = [name for name in judged
+                 if after[name]["hit@5"] < before[name]["hit@5"] or after[name]["mrr"] < before[name]["mrr"]]
+        better = [name for name in judged if after[name]["mrr"] > before[name]["mrr"]]
+        report.kept = bool(better) and not worse
+        report.reason = (
+            f"worse on {', '.join(worse)}" if worse else f"better on {', '.join(better)}" if better else "no gain"
+        )
+        if report.kept:
+            report.model_dir = staged.publish({
+                "kind": "cross-encoder reranker", "base_model": settings.embedder.model, "created_at": stamp,
+                "pairs": report.pairs, "training_examples": report.training_examples, "steps": report.steps,
+                "max_length": max_length, "seed": options.seed,
+                "passage_text": "Chunk.embed_text: the heading path, a blank line, then the chunk text",
+                "before": {name: figures(result) for name, result in report.before.items()},
+                "after": {name: figures(result) for name, result in report.after.items()},
+            })
+    return report

@@ -1,0 +1,82 @@
+"""Code-aware terms for the keyword index: identifiers match as wholes and by their parts.
+
+Documentation questions name code (`read_csv`, `os.path.join`, `max_workers`,
+`DataFrame`) as often as they use words. Each identifier is indexed whole
+(dots and underscores folded to `_`, so `os.path.join` and `os_path_join`
+are one term), by every dotted suffix (`path_join`), and by its parts split at
+`.`, `_` and camelCase humps: a query for `read csv`, `read_csv` or
+`pandas.read_csv` finds the same passage, the exact spelling ranking first
+because the whole term is rarer than its parts. Queries drop English stop
+words and question words, so "how do I ..." does not dominate the ranking.
+Stemming (Porter) is left to the FTS5 tokenizer, applied alike to both sides.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+_TOKEN = re.compile(r"[^\W\d_][\w]*(?:\.[^\W\d_][\w]*)*|\d+(?:\.\d+)*", re.UNICODE)
+_HUMPS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+MAX_TERMS_PER_QUERY = 64
+"""A query term list is cut here: a pasted page must not make an FTS5 query of thousands of terms."""
+
+STOP_WORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below between both
+    but by can could did do does doing down during each few for from further had has have having he her here hers
+    herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on once
+    only or other our ours ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were what when where which
+    while who whom why will with would you your yours yourself yourselves get got want wanted need needs please
+    tell know way ways thing things someone something anyone anything use using used""".split()
+)
+"""Left out of queries only: in a passage they are rare enough in BM25's view to do no harm."""
+
+
+def _parts(identifier: str) -> list[str]:
+    pieces = [piece for piece in re.split(r"[._]", identifier) if piece]
+    return [hump.lower() for piece in pieces for hump in _HUMPS.findall(piece) or [piece]]
+
+
+def _identifier_terms(token: str) -> Iterator[str]:
+    segments = [segment for segment in token.split(".") if segment]
+    lowered = [segment.lower() for segment in segments]
+    for start in range(len(lowered) - 1):  # each dotted suffix: os_path_join, path_join
+        yield "_".join(lowered[start:])
+    whole = lowered[-1]
+    parts = _parts(token)
+    if len(segments) == 1 or len(parts) > 1 or whole != parts[-1]:
+        yield whole
+    yield from parts
+
+
+def terms(text: str) -> Iterator[str]:
+    """Every term of `text` as the index stores it (lowercase, wholes before parts)."""
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        if token[0].isdigit():
+            yield token
+            continue
+        seen = set()
+        for term in _identifier_terms(token):
+            if term not in seen:
+                seen.add(term)
+                yield term
+
+
+def index_text(text: str) -> str:
+    """The text an FTS5 column is given: the terms separated by spaces."""
+    return " ".join(terms(text))
+
+
+def query_terms(text: str) -> list[str]:
+    """The distinct terms of a query, stop words left out (all of them kept if nothing else remains)."""
+    distinct = list(dict.fromkeys(terms(text)))
+    kept = [term for term in distinct if term not in STOP_WORDS] or distinct
+    return kept[:MAX_TERMS_PER_QUERY]
+
+
+def fts_query(text: str) -> str | None:
+    """An FTS5 MATCH expression any of whose terms may match (BM25 ranks them), or None for no terms."""
+    wanted = query_terms(text)
+    return " OR ".join('"' + term.replace('"', '""') + '"' for term in wanted) or None
