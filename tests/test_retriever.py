@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import build_index
 from fastapi.testclient import TestClient
+from scripted_llm_server import free_port, wait_until_ready
 
 from ragline.app import Ragline
 from ragline.cli import run
@@ -34,7 +35,7 @@ PAGES = {
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, embedder) -> Ragline:
     data_dir = build_index(tmp_path_factory.mktemp("retriever"), PAGES, embedder, "https://docs.test/{path}.html")
-    components = Ragline(Settings(data_dir=data_dir))
+    components = Ragline(Settings(data_dir=data_dir, generate={"llm": {"backend": "extractive"}}))
     components.__dict__["embedder"] = embedder
     yield components
     components.close()
@@ -131,7 +132,10 @@ def test_bad_options_are_refused_with_the_option_named():
 
 
 def test_the_api_takes_options_per_request_and_refuses_bad_ones(app):
-    with TestClient(create_app(app.settings, app)) as client:
+    served = Ragline(app.settings)  # the API closes its components when it stops
+    served.__dict__["embedder"] = app.embedder
+    with TestClient(create_app(app.settings, served)) as client:
+        wait_until_ready(client.get)
         good = client.post("/v1/search", json={"query": "pickle.load", "k": 1, "options": {"mode": "keyword"}})
         bad = client.post("/v1/search", json={"query": "pickle.load", "options": {"mode": "fuzzy"}})
     assert good.status_code == 200 and good.json()["hits"][0]["url"].endswith("pickle.html#loading")
@@ -147,3 +151,12 @@ def test_the_cli_takes_mode_and_retrieve_options(app, capsys, monkeypatch):
     assert run(["search", "x", "--retrieve", "mmr_lambda=7"]) == 2
     assert "mmr_lambda" in capsys.readouterr().err
 
+
+
+def test_a_reranker_that_is_down_leaves_the_first_ranking_with_a_note(app):
+    down = {"backend": "http", "base_url": f"http://127.0.0.1:{free_port()}", "timeout_s": 2}
+    dead = retrieve_options(app.settings.retrieve, {"rerank": down})
+    plain = app.retriever.search("pickle.load", k=2)
+    degraded = app.retriever.search("pickle.load", k=2, options=dead)
+    assert urls(degraded) == urls(plain)
+    assert degraded.notes and "reranking skipped" in degraded.notes[0]

@@ -119,7 +119,9 @@ def test_questions_are_filtered_for_copies_and_non_questions():
     )
     assert check_question("Tell me about memory", passage) == "not a question"
     assert check_question("Why?", passage) == "too short or too long"
-    assert check_question("What does this passage say about caches?", passage) == "refers to the passage instead of asking"
+    assert check_question("What does this passage say about caches?", passage) == (
+        "refers to the passage instead of asking"
+    )
     assert clean_question('Question: "Why is my app slow after a restart?"\nBecause…') == (
         "Why is my app slow after a restart?"
     )
@@ -172,7 +174,7 @@ def test_generated_questions_are_cached_and_an_interrupted_run_resumes(tmp_path)
         assert generate_questions(chunks, llm, n=4, seed=1, cache=cache) == resumed and not server.received
 
 
-def staged_model(tiny_index) -> object:
+def untrained_model(tiny_index):
     return new_cross_encoder(tiny_index[1], max_length=128)
 
 
@@ -219,7 +221,7 @@ def test_trained_cross_encoder_ranks_the_positive_above_mined_negatives(tiny_ind
 def test_a_failed_save_leaves_no_folder(tiny_index, tmp_path):
     target = tmp_path / "models" / "reranker-x"
     with pytest.raises(TypeError):
-        with StagedModel(staged_model(tiny_index), target) as staged:
+        with StagedModel(untrained_model(tiny_index), target) as staged:
             staged.publish({"not json": object()})
     assert list(target.parent.iterdir()) == []
 
@@ -245,7 +247,7 @@ def test_a_killed_save_leaves_no_folder_and_the_next_save_clears_it(tiny_index, 
     leftovers = list(target.parent.iterdir())
     assert not target.exists() and [p.name for p in leftovers] == [f".reranker-x.partial-{child.pid}"]
 
-    with StagedModel(staged_model(tiny_index), target) as staged:
+    with StagedModel(untrained_model(tiny_index), target) as staged:
         staged.publish({})
     assert [p.name for p in target.parent.iterdir()] == ["reranker-x"]
 

@@ -208,7 +208,10 @@ def _print_hits(result: Retrieval) -> None:
 
 
 def _as_json(result: Retrieval) -> str:
-    return json.dumps({"query": result.query, "hits": [hit.to_dict() for hit in result.hits], "timings": result.timings})
+    return json.dumps({
+        "query": result.query, "hits": [hit.to_dict() for hit in result.hits], "timings": result.timings,
+        "notes": result.notes,
+    })
 
 
 @cli.command()

@@ -129,7 +129,8 @@ def generate_questions(
     question are dropped, so up to 2·n chunks are tried. With `cache` (a JSONL file), every reply is
     appended as it comes and replies already there (same model, same prompt) are reused, so an
     interrupted run resumes without asking again. No new question is asked once `time.monotonic()` passes
-    `deadline` (a local model on a small CPU takes seconds per question). Raises LLMError when the model fails.
+    `deadline`, though cached replies are still used (a local model on a small CPU takes seconds per
+    question). Raises LLMError when the model fails.
     """
     key = f"{model.name}/v{PROMPT_VERSION}"
     cached = _read_cache(cache, key)
@@ -148,7 +149,7 @@ def generate_questions(
                 break
             reply = cached.get(chunk.chunk_id)
             if reply is None and deadline is not None and time.monotonic() > deadline:
-                break
+                continue  # out of time for the model; later chunks may still have cached replies
             if reply is None:
                 reply = _ask(model, chunk, max_tokens, temperature)
                 if writer is not None:

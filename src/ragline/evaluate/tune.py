@@ -31,6 +31,7 @@ from ragline.evaluate.records import read_questions
 from ragline.evaluate.retrieval import RetrievalReport, evaluate_retrieval
 from ragline.evaluate.synthetic import generate_questions, heuristic_pairs
 from ragline.generate.base import LLM
+from ragline.retrieve.rerank import CROSS_ENCODER_BATCH
 from ragline.store.base import SearchRequest, VectorStore
 from ragline.types import Chunk
 
@@ -243,16 +244,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def split_holdout(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(training, held out): the pairs of `fraction` of the pages are held out, so that no held-out question
-    has its page's sections among the training positives."""
-    pages = sorted({pair["source"].split("#", 1)[0] for pair in pairs})
+def _page(pair: Pair) -> str:
+    return pair["source"].split("#", 1)[0]
+
+
+def held_out_pages(pairs: Sequence[Pair], fraction: float, seed: int) -> set[str]:
+    """`fraction` of the pages, drawn at random: their pairs are measured, never trained on, so that no
+    held-out question has its page's sections among the training positives."""
+    pages = sorted({_page(pair) for pair in pairs})
     random.Random(seed).shuffle(pages)
-    held_pages = set(pages[: round(len(pages) * fraction)])
-    split: dict[bool, list[Pair]] = {False: [], True: []}
-    for pair in pairs:
-        split[pair["source"].split("#", 1)[0] in held_pages].append(pair)
-    return split[False], split[True]
+    return set(pages[: round(len(pages) * fraction)])
 
 
 @dataclass(slots=True)
@@ -341,16 +342,15 @@ def tune(app: Ragline, options: TuneOptions, llm: LLM | None, progress: Progress
     report.pairs = {"synthetic": len(synthetic), "headings": len(headings)}
     lap("generate")
 
-    train_synthetic, held_synthetic = split_holdout(synthetic, options.holdout, options.seed)
-    train_headings, held_headings = split_holdout(headings, options.holdout, options.seed)
+    held_pages = held_out_pages(synthetic + headings, options.holdout, options.seed)
     rng = random.Random(options.seed)
-    held = {"held-out synthetic": held_synthetic, "held-out headings": held_headings}
+    held = {"held-out synthetic": synthetic, "held-out headings": headings}
+    held = {name: [pair for pair in rows if _page(pair) in held_pages] for name, rows in held.items()}
     held = {name: rng.sample(rows, min(len(rows), options.eval_questions)) for name, rows in held.items()}
     evaluation = {name: rows for name, rows in [*held.items(), *dev_sets.items()] if rows}
     by_id = {chunk.chunk_id: chunk for chunk in chunks}
-    training = mine_negatives(
-        train_synthetic + train_headings, by_id, app.store, app.embedder, options.negatives, progress=progress
-    )
+    trainable = [pair for pair in synthetic + headings if _page(pair) not in held_pages]
+    training = mine_negatives(trainable, by_id, app.store, app.embedder, options.negatives, progress=progress)
     if not training:
         raise ValueError("no training pairs: the index has no sections with enough prose under a heading")
     report.training_examples = sum(1 + len(pair.negatives) for pair in training)
@@ -362,9 +362,11 @@ def tune(app: Ragline, options: TuneOptions, llm: LLM | None, progress: Progress
 
     model = new_cross_encoder(resolve_model_dir(settings.embedder.model), max_length)
     probe = [(pair.question, passage_text(pair.positive)) for pair in training[:32]]
+    model.max_seq_length = settings.retrieve.rerank.max_length  # time scoring as the reranker will score
     timer = time.monotonic()
-    model.predict(probe, batch_size=options.batch_size, show_progress_bar=False)
+    model.predict(probe, batch_size=settings.retrieve.rerank.batch_size or CROSS_ENCODER_BATCH, show_progress_bar=False)
     seconds_per_pair = (time.monotonic() - timer) / len(probe)
+    model.max_seq_length = max_length
     questions = sum(map(len, evaluation.values()))
     expected_eval_s = first_stage_s + questions * settings.retrieve.rerank.candidates * seconds_per_pair
     report.steps = train_cross_encoder(

@@ -74,9 +74,10 @@ class HitOut(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    query: str
+    query: str = Field(description="the question searched (a follow-up rewritten to stand alone)")
     hits: list[HitOut]
     timings: dict[str, float]
+    notes: list[str] = Field(default_factory=list, description="steps skipped, e.g. a reranker that was down")
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -241,7 +242,10 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
         result = await to_thread.run_sync(
             lambda: ragline.retriever.search(request.query, request.k, request.filters, wanted, request.turns())
         )
-        return {"query": result.query, "hits": [hit.to_dict() for hit in result.hits], "timings": result.timings}
+        return {
+            "query": result.query, "hits": [hit.to_dict() for hit in result.hits], "timings": result.timings,
+            "notes": result.notes,
+        }
 
     async def admitted(request: SearchRequest) -> tuple[Admission, RetrieveSettings | None]:
         """Checks that need no generation slot, then a place in the generation queue (or a 503 at once)."""
