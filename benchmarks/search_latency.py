@@ -37,8 +37,9 @@ ZIPF = 1 / np.arange(1, len(VOCABULARY) + 1)
 ZIPF /= ZIPF.sum()
 
 
-def passage(rng: np.random.Generator) -> str:
-    return " ".join(VOCABULARY[i] for i in rng.choice(len(VOCABULARY), WORDS_PER_CHUNK, p=ZIPF))
+def passages(rng: np.random.Generator, n: int) -> list[str]:
+    words = rng.choice(len(VOCABULARY), (n, WORDS_PER_CHUNK), p=ZIPF)
+    return [" ".join(VOCABULARY[i] for i in row) for row in words]
 
 
 def fill(store: LocalStore, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -49,8 +50,8 @@ def fill(store: LocalStore, n: int, rng: np.random.Generator) -> np.ndarray:
         vectors = rng.standard_normal((DOC_SIZE, DIM)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         chunks = [
-            Chunk(f"{doc_id}-{i}", doc_id, passage(rng), {"format": "html" if i % 10 else "pdf", "chunk_index": i})
-            for i in range(DOC_SIZE)
+            Chunk(f"{doc_id}-{i}", doc_id, text, {"format": "html" if i % 10 else "pdf", "chunk_index": i})
+            for i, text in enumerate(passages(rng, DOC_SIZE))
         ]
         record = DocumentRecord(doc_id, f"/{doc_id}", "/", 1, 1, "x", "fp")
         store.upsert_document(record, chunks, vectors)
