@@ -180,6 +180,14 @@ class KeywordContract:
             assert np.allclose(hit.vector, text_vector(hit.chunk.text))
         assert all(hit.vector is None for hit in store.search(keyword("read_csv")))
 
+    def test_equal_scores_rank_by_chunk_id_whatever_the_order_of_writing(self, store):
+        """A resumed or rebuilt index must answer exactly like an uninterrupted one."""
+        for doc_id in ("z", "a", "m"):
+            put_texts(store, doc_id, ["the same sentence about tides"])
+        for request in (keyword("tides", 3), dense(text_vector("the same sentence about tides"), 3),
+                        SearchRequest(text="tides", vector=text_vector("x"), mode="hybrid", k=3)):
+            assert ids(store.search(request)) == ["a-0", "m-0", "z-0"]
+
     def test_document_chunks_come_in_reading_order(self, store):
         self.fill(store)
         assert [c.text for c in store.document_chunks("paths")] == KEYWORD_TEXTS["paths"]

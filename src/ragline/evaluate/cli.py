@@ -62,14 +62,15 @@ def _results_path(results: Path | None, data_dir: Path, questions: Path, kind: s
     return results or data_dir / "eval" / f"{questions.stem}.{kind}.jsonl"
 
 
-def _figures_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
+def _figures_table(title: str, columns: dict[str, dict[str, Any]]) -> Table:
+    """One row per figure, one column per level (page, anchor): narrow enough for any terminal."""
     table = Table(title=title)
-    columns = list(next(iter(rows.values())))
-    table.add_column("")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for name, figures in rows.items():
-        table.add_row(name, *(f"{figures[c]:.3f}" if isinstance(figures[c], float) else str(figures[c]) for c in columns))
+    table.add_column("", overflow="fold")
+    for name in columns:
+        table.add_column(name, justify="right", overflow="fold")
+    for figure in next(iter(columns.values())):
+        cells = (columns[name][figure] for name in columns)
+        table.add_row(figure, *(f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in cells))
     return table
 
 
@@ -228,13 +229,18 @@ def cost_command(
     if json_output:
         print(json.dumps([row.to_dict() for row in rows]))
         return
-    table = Table(title=f"cost of {results.name}")
-    for column in ("role", "model", "answers", "prompt tokens", "completion tokens", "$ per answer", "$ total"):
-        table.add_column(column, justify="right" if column not in ("role", "model") else "left")
-    for row in rows:
+    out.print(f"cost of {escape(results.name)}")
+    for row in rows:  # one small table per model: readable in any terminal width
         dollars = ("n/a", "n/a") if row.usd_total is None else (f"{row.usd_per_answer:.6f}", f"{row.usd_total:.4f}")
-        table.add_row(row.role, row.model, str(row.answers), f"{row.prompt_tokens:.0f}", f"{row.completion_tokens:.0f}", *dollars)
-    out.print(table)
+        table = Table(title=f"{escape(row.role)}: {escape(row.model)}", show_header=False)
+        table.add_column("", overflow="fold")
+        table.add_column("", justify="right", overflow="fold")
+        for name, value in zip(
+            ("answers", "prompt tokens", "completion tokens", "$ per answer", "$ total"),
+            (str(row.answers), f"{row.prompt_tokens:.0f}", f"{row.completion_tokens:.0f}", *dollars),
+        ):
+            table.add_row(name, value)
+        out.print(table)
     for row in rows:
         if row.usd_total is None:
             err.print(f"[yellow]{escape(row.model)} is not in {escape(str(prices))}: add it to price it[/yellow]")

@@ -84,7 +84,7 @@ def tune_command(
 def _print_report(report: TuneReport, out, err) -> None:  # type: ignore[no-untyped-def]
     table = Table(title="ragline tune: page hit@5 / MRR@10 (anchor hit@5), before → after")
     for column in ("question set", "questions", "before", "after"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for name, result in report.before.items():
         before, after = figures(result), figures(report.after[name])
         table.add_row(

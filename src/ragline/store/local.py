@@ -62,6 +62,11 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 """2 → 3 added the keyword index (filled from the chunks on upgrade)."""
+TIE_SLACK = 32
+TIE_DIGITS = 6
+"""Equal scores (the same text twice; float noise in the 7th digit) rank by chunk id, not by where rows happen
+to lie, so a rebuilt or resumed index answers exactly like an uninterrupted one: each list is read TIE_SLACK
+deeper than k, ordered by (score to TIE_DIGITS significant digits, chunk id), then cut."""
 HEADING_WEIGHT = 2.0
 """BM25 weight of a chunk's title and heading path against its body (1.0): a heading names the topic."""
 BUSY_TIMEOUT_S = 30.0
@@ -385,10 +390,11 @@ class LocalStore:
                 return []
             allowed = _int_column(db.execute(*_filter_sql(wanted))) if wanted else None
             ranked: list[tuple[np.ndarray, np.ndarray]] = []  # (seqs, scores) per list, best first
+            depth = request.k + TIE_SLACK
             if request.mode != "keyword":
-                ranked.append(self._dense(mirror, request, allowed))
+                ranked.append(self._dense(mirror, request.vector, depth, allowed))
             if request.mode != "dense":
-                ranked.append(self._keyword(db, request, wanted))
+                ranked.append(self._keyword(db, request.text, depth, wanted))
             listed = ",".join(map(str, {int(seq) for seqs, _ in ranked for seq in seqs}))
             rows = db.execute(
                 f"SELECT seq, chunk_id, doc_id, text, metadata FROM chunks WHERE seq IN ({listed})"
@@ -397,11 +403,13 @@ class LocalStore:
         lists = []
         for seqs, scores in ranked:
             vectors = mirror.matrix[np.searchsorted(mirror.seqs, seqs)] if request.with_vectors else [None] * len(seqs)
-            lists.append([
+            hits = [
                 Hit(chunks[seq], float(score), vector)
                 for seq, score, vector in zip(seqs.tolist(), scores.tolist(), vectors)
                 if seq in chunks
-            ])
+            ]
+            hits.sort(key=lambda hit: (-float(f"{hit.score:.{TIE_DIGITS}g}"), hit.chunk.chunk_id))
+            lists.append(hits[: request.k])
         if len(lists) == 1:
             return lists[0]
         fusion = request.fusion
@@ -409,23 +417,23 @@ class LocalStore:
         return fuse(lists, weights, fusion.method, fusion.rrf_k, request.k)
 
     @staticmethod
-    def _dense(mirror: Snapshot, request: SearchRequest, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        query = np.asarray(request.vector, dtype=np.float32).reshape(-1)
+    def _dense(mirror: Snapshot, vector: np.ndarray, depth: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
         if query.shape[0] != mirror.dim:
             raise StoreError(f"query has {query.shape[0]} dims, the index {mirror.dim}")
         scores = mirror.matrix @ query
         if allowed is not None:
             scores = np.where(np.isin(mirror.seqs, allowed), scores, -np.inf)
-        k = min(request.k, len(scores))
+        k = min(depth, len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top])]
         top = top[np.isfinite(scores[top])]
         return mirror.seqs[top], scores[top]
 
     @staticmethod
-    def _keyword(db: sqlite3.Connection, request: SearchRequest, wanted: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
+    def _keyword(db: sqlite3.Connection, text: str, depth: int, wanted: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
         """BM25's best (FTS5 gives lower-is-better scores; they are negated so that higher is better)."""
-        match = keywords.fts_query(request.text)
+        match = keywords.fts_query(text)
         if match is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         where = "chunks_fts MATCH ?"
@@ -437,7 +445,7 @@ class LocalStore:
         rows = db.execute(
             f"SELECT rowid, -bm25(chunks_fts, ?, 1.0) AS score FROM chunks_fts WHERE {where} "
             "ORDER BY score DESC LIMIT ?",
-            [*params, request.k],
+            [*params, depth],
         ).fetchall()
         return np.array([seq for seq, _ in rows], np.int64), np.array([score for _, score in rows], np.float32)
 
