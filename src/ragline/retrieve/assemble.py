@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ragline.store.fusion import min_max
 from ragline.types import Chunk, Hit
 
 NEAR_DUPLICATE = 0.8
@@ -62,7 +63,7 @@ def diversify(
 ) -> list[Hit]:
     """Pick k hits in order: by MMR when `mmr_lambda` is set (hits need vectors), else by rank, under the caps."""
     remaining = list(hits)
-    relevance = _normalised([hit.score for hit in remaining])
+    relevance = min_max([hit.score for hit in remaining])  # on [0, 1], whatever the fusion's scale
     picked: list[Hit] = []
     held_back: list[Hit] = []
     per_page: dict[str, int] = {}
@@ -98,13 +99,6 @@ def _next_index(remaining: list[Hit], relevance: list[float], picked: list[np.nd
             best, best_value = index, value
     return best
 
-
-def _normalised(scores: list[float]) -> list[float]:
-    """Scores on [0, 1], so MMR weighs RRF's tiny scores and cosine similarities alike."""
-    if not scores:
-        return []
-    low, high = min(scores), max(scores)
-    return [1.0] * len(scores) if high - low <= 1e-12 else [(s - low) / (high - low) for s in scores]
 
 
 def expand(hits: Sequence[Hit], neighbours: int, document_chunks: Callable[[str], list[Chunk]]) -> list[Hit]:

@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING
 from ragline.config import RerankSettings, RetrieveSettings
 from ragline.embed.base import Embedder
 from ragline.retrieve import assemble, transform
-from ragline.retrieve.rerank import RerankError
+from ragline.retrieve.rerank import Reranker, RerankError
 from ragline.store.base import Filters, SearchRequest, VectorStore
 from ragline.store.fusion import Fusion, fuse
 from ragline.types import Hit
 
 if TYPE_CHECKING:
     from ragline.retrieve.chat import ChatModel
-    from ragline.retrieve.rerank import Reranker
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ def fuse(lists: Sequence[Sequence[Hit]], weights: Sequence[float], method: Fusio
         if method == "rrf":
             contributions = [weight / (rrf_k + rank) for rank in range(1, len(hits) + 1)]
         else:
-            contributions = [weight * value for value in _min_max([hit.score for hit in hits])]
+            contributions = [weight * value for value in min_max([hit.score for hit in hits])]
         for hit, contribution in zip(hits, contributions):
             key = hit.chunk.chunk_id
             if key not in first:
@@ -62,7 +62,7 @@ def fuse(lists: Sequence[Sequence[Hit]], weights: Sequence[float], method: Fusio
     return [replace(first[key], score=scores[key]) for key in ranked[:k]]
 
 
-def _min_max(values: list[float]) -> list[float]:
+def min_max(values: list[float]) -> list[float]:
     """Scores scaled to [0, 1]; a list of equal scores counts as all 1 (each is as good as the best)."""
     if not values:
         return []
