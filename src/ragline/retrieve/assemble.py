@@ -100,7 +100,6 @@ def _next_index(remaining: list[Hit], relevance: list[float], picked: list[np.nd
     return best
 
 
-
 def expand(hits: Sequence[Hit], neighbours: int, document_chunks: Callable[[str], list[Chunk]]) -> list[Hit]:
     """Each hit with up to `neighbours` chunks of its own section on each side joined to its text."""
     if neighbours < 1:
