@@ -1,17 +1,20 @@
 """`ragline tune` on a real corpus: wall time per phase, seconds per LLM question, and what it bought.
 
-    python benchmarks/tune.py [--set flax|python] [--docs DIR] [--data-dir DIR] [--questions N]
-                              [--max-minutes M] [--no-llm] [--epochs E] [--generate-share F]
-                              [--eval-questions N] [--max-length T]
+    python benchmarks/tune.py [--target embedder|reranker] [--set flax|python] [--docs DIR]
+                              [--data-dir DIR] [--questions N] [--max-minutes M] [--no-llm] [--epochs E]
+                              [--generate-share F] [--eval-questions N] [--max-length T]
+                              [--batch-size B] [--negatives N] [--learning-rate LR]
 
 The corpus is indexed (or the index in --data-dir reused, the same one
 benchmarks/retrieval.py builds), then `ragline.evaluate.tune.tune` runs with the
 set's dev file as the judge: synthetic questions from the configured LLM (the
 bundled qwen2.5-coder-1.5b through llama.cpp by default; --no-llm: heading
-pairs only), hard negatives, a cross-encoder trained from the embedding model
-within --max-minutes. Prints one JSON object: chunks, phase timings, seconds
-per generated question, page/anchor figures before (the configured pipeline,
-no reranker by default) and after (the same with the trained reranker), and
+pairs only), hard negatives, then within --max-minutes either the embedding
+model fine-tuned (--target embedder; "after" searches a temporary copy of the
+index re-embedded by it) or a cross-encoder trained from it (--target reranker;
+"after" is the same pipeline with it as reranker). Prints one JSON object:
+chunks, phase timings, seconds per generated question, page/anchor figures
+before (the configured pipeline, no reranker by default) and after, and
 whether the model was kept. Generated questions are cached in the index folder
 (tune/questions.jsonl), so a rerun measures generation only for new ones.
 Target (issue 7): a 5,000-chunk corpus within 60 minutes on 2 cores.
@@ -29,11 +32,12 @@ from corpora import fetch
 
 from ragline.app import Ragline
 from ragline.config import Settings, SourceSettings
-from ragline.evaluate.tune import TuneOptions, figures, tune
+from ragline.evaluate.tune import TARGETS, TuneOptions, figures, tune
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", choices=TARGETS, default=TuneOptions().target)
     parser.add_argument("--set", choices=("python", "flax"), default="flax", dest="dev_set")
     parser.add_argument("--docs", type=Path, help="the corpus folder (default: per set)")
     parser.add_argument("--data-dir", type=Path, default=Path(".ragline-bench"))
@@ -42,7 +46,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--generate-share", type=float, default=0.5, help="of the budget, for new LLM questions")
     parser.add_argument("--eval-questions", type=int, default=100, help="held-out pairs measured per kind")
-    parser.add_argument("--max-length", type=int, help="training tokens per pair (default: retrieve.rerank.max_length)")
+    parser.add_argument("--max-length", type=int, help="training tokens per text (default: what the model reads)")
+    parser.add_argument("--batch-size", type=int, default=TuneOptions().batch_size)
+    parser.add_argument("--negatives", type=int, default=TuneOptions().negatives, help="hard negatives per question")
+    parser.add_argument("--learning-rate", type=float, help="default: per target (LEARNING_RATES)")
     parser.add_argument("--no-llm", action="store_true", help="heading pairs only")
     args = parser.parse_args()
 
@@ -61,7 +68,8 @@ def main() -> None:
     if llm is not None:
         llm.load()
     options = TuneOptions(
-        questions=0 if llm is None else args.questions, max_minutes=args.max_minutes, epochs=args.epochs,
+        target=args.target, questions=0 if llm is None else args.questions, max_minutes=args.max_minutes,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, negatives=args.negatives,
         generate_share=args.generate_share, eval_questions=args.eval_questions, max_length=args.max_length,
         dev_sets=[DATA / f"{args.dev_set}_docs_dev.jsonl"],
     )
@@ -72,7 +80,7 @@ def main() -> None:
         app.close()
     asked = (len(cache.read_text().splitlines()) if cache.is_file() else 0) - cached
     print(json.dumps({
-        "corpus": name, "chunks": chunks, "index_s (reused if ~0)": round(index_s, 1),
+        "target": report.target, "corpus": name, "chunks": chunks, "index_s (reused if ~0)": round(index_s, 1),
         "llm": getattr(llm, "name", None), "pairs": report.pairs,
         "llm_questions_asked": asked,
         "seconds_per_llm_question": round(report.timings["generate"] / asked, 1) if asked else None,

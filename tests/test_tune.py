@@ -1,9 +1,10 @@
-"""`ragline tune`: synthetic questions (filtered, cached), hard negatives, training and the atomic save.
+"""`ragline tune`: synthetic questions (filtered, cached), hard negatives, training and the atomic save,
+for both targets (the embedding model, a cross-encoder reranker).
 
-No reranker weights ship with Ragline, so the training tests build a tiny
-2-layer BERT whose vocabulary is the test corpus's words: it trains in seconds
-and starts out knowing nothing, so what it learns is what the training taught.
-The LLM is a scripted OpenAI-compatible server on loopback.
+The training tests build a tiny 2-layer BERT embedding model whose vocabulary
+is the test corpus's words: it trains in seconds and starts out knowing nothing,
+so what it learns is what the training taught. The LLM is a scripted
+OpenAI-compatible server on loopback.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import pytest
 from scripted_llm_server import Reply, ScriptedLLMServer, completion
 
 from ragline.app import Ragline
-from ragline.config import EmbedderSettings, Settings, SourceSettings
+from ragline.config import EmbedderSettings, RetrieveSettings, Settings, SourceSettings
+from ragline.embed.sentence_transformer import SentenceTransformerEmbedder
 from ragline.evaluate.synthetic import check_question, clean_question, generate_questions, heuristic_pairs
+from ragline.evaluate.retrieval import RetrievalReport
 from ragline.evaluate.tune import (
     StagedModel, TrainingPair, TuneOptions, load_chunks, mine_negatives, new_cross_encoder, passage_text,
-    train_cross_encoder, tune,
+    section_distinct_batches, train_cross_encoder, train_embedder, tune, verdict,
 )
 from ragline.generate.openai_compat import OpenAICompatLLM
+from ragline.pipeline import IngestError
 from ragline.types import Chunk
 
 PAGES = {
@@ -174,6 +178,24 @@ def test_generated_questions_are_cached_and_an_interrupted_run_resumes(tmp_path)
         assert generate_questions(chunks, llm, n=4, seed=1, cache=cache) == resumed and not server.received
 
 
+def mined_pairs(settings: Settings) -> list[TrainingPair]:
+    """The heading pairs of the tiny index with up to 4 mined negatives each."""
+    app = Ragline(settings)
+    try:
+        chunks = load_chunks(app.store)
+        pairs = heuristic_pairs(chunks)
+        return mine_negatives(pairs, {c.chunk_id: c for c in chunks}, app.store, app.embedder, per_question=4)
+    finally:
+        app.close()
+
+
+def copy_of_index(tiny_index, folder: Path, **changes) -> Settings:
+    """Settings of a copy of the tiny index in `folder` (a tune run writes models and results beside it)."""
+    settings, _ = tiny_index
+    shutil.copytree(settings.data_dir, folder)
+    return settings.model_copy(update={"data_dir": folder, **changes})
+
+
 def untrained_model(tiny_index):
     return new_cross_encoder(tiny_index[1], max_length=128)
 
@@ -191,14 +213,8 @@ def pairwise_accuracy(model, pairs: list[TrainingPair]) -> float:
 @pytest.mark.slow
 def test_trained_cross_encoder_ranks_the_positive_above_mined_negatives(tiny_index, tmp_path):
     settings, model_dir = tiny_index
-    app = Ragline(settings)
-    try:
-        chunks = load_chunks(app.store)
-        pairs = heuristic_pairs(chunks)
-        mined = mine_negatives(pairs, {c.chunk_id: c for c in chunks}, app.store, app.embedder, per_question=4)
-    finally:
-        app.close()
-    assert len(mined) == len(pairs) == 18
+    mined = mined_pairs(settings)
+    assert len(mined) == 18
     for pair in mined:  # never a chunk of the positive's own page
         assert pair.negatives and all(n.metadata["url"] != pair.positive.metadata["url"] for n in pair.negatives)
 
@@ -218,10 +234,18 @@ def test_trained_cross_encoder_ranks_the_positive_above_mined_negatives(tiny_ind
     assert pairwise_accuracy(reloaded, mined) == trained
 
 
-def test_a_failed_save_leaves_no_folder(tiny_index, tmp_path):
-    target = tmp_path / "models" / "reranker-x"
+def untrained_embedder(tiny_index):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(tiny_index[1]), device="cpu")
+
+
+@pytest.mark.parametrize("build", [untrained_model, untrained_embedder], ids=["reranker", "embedder"])
+def test_a_failed_save_leaves_no_folder(tiny_index, tmp_path, build):
+    target = tmp_path / "models" / "model-x"
     with pytest.raises(TypeError):
-        with StagedModel(untrained_model(tiny_index), target) as staged:
+        with StagedModel(build(tiny_index), target) as staged:
+            assert (staged.path / "config.json").is_file()  # written whole before publish is asked
             staged.publish({"not json": object()})
     assert list(target.parent.iterdir()) == []
 
@@ -252,35 +276,137 @@ def test_a_killed_save_leaves_no_folder_and_the_next_save_clears_it(tiny_index, 
     assert [p.name for p in target.parent.iterdir()] == ["reranker-x"]
 
 
+def embedder_accuracy(encode, pairs: list[TrainingPair]) -> float:
+    """Share of pairs whose positive is nearer the question than every one of its negatives; `encode` maps
+    texts to normalized vectors."""
+    wins = 0
+    for pair in pairs:
+        question = encode([pair.question])[0]
+        scores = encode([passage_text(pair.positive), *map(passage_text, pair.negatives)]) @ question
+        wins += bool(scores[0] > max(scores[1:]))
+    return wins / len(pairs)
+
+
 @pytest.mark.slow
-def test_tune_measures_before_and_after_and_keeps_a_model_only_if_it_helps(tiny_index):
-    settings, _ = tiny_index
-    app = Ragline(settings)
-    try:
-        report = tune(app, TuneOptions(questions=0, max_minutes=2, epochs=2, holdout=0.34), llm=None)
+def test_trained_embedder_brings_positives_nearer_and_its_folder_loads_as_the_embedder(tiny_index, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    settings, model_dir = tiny_index
+    mined = mined_pairs(settings)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+
+    def encode(texts):
+        return model.encode(texts, normalize_embeddings=True, show_progress_bar=False)
+
+    untrained = embedder_accuracy(encode, mined)
+    steps = train_embedder(model, mined, deadline=float("inf"), epochs=15, batch_size=6, learning_rate=1e-3)
+    trained = embedder_accuracy(encode, mined)
+    assert steps == 15 * 3  # 18 pairs, each about its own section, in batches of 6
+    assert trained >= 0.7 and trained >= untrained + 0.3, (untrained, trained)
+
+    with StagedModel(model, tmp_path / "models" / "embedder-x") as staged:
+        folder = staged.publish({"steps": steps})
+    assert [p.name for p in folder.parent.iterdir()] == ["embedder-x"]
+    embedder = SentenceTransformerEmbedder(EmbedderSettings(model=str(folder)))
+    texts = [passage_text(pair.positive) for pair in mined]
+    assert embedder.name == "embedder-x" and embedder.dim == 32
+    assert abs(embedder.embed_documents(texts) - encode(texts)).max() < 1e-5
+
+    app = Ragline(settings.model_copy(update={"embedder": EmbedderSettings(model=str(folder))}))
+    try:  # what the printed instructions say: the index built with the base model needs --full
+        with pytest.raises(IngestError, match="--full"):
+            app.indexer().run([SourceSettings(path=settings.data_dir.parent / "docs")])
     finally:
         app.close()
+
+
+def test_batches_never_hold_two_questions_about_one_section():
+    import random
+
+    sections = [chunk(PROSE, heading=("Caching", title), n=n) for n, title in enumerate(["A b", "C d", "E f"])]
+    positives = [sections[0]] * 3 + [sections[1]] * 2 + [sections[2]]
+    pairs = [TrainingPair(f"q{i}", positive, (sections[2],)) for i, positive in enumerate(positives)]
+    batches = section_distinct_batches(pairs, 2, random.Random(0))
+    assert sorted(pair.question for batch in batches for pair in batch) == [f"q{i}" for i in range(6)]
+    assert len(batches) >= 3 and all(
+        0 < len(batch) == len({pair.positive.citation_url for pair in batch}) <= 2 for batch in batches
+    )
+
+
+def retrieval_report(hit5: float, mrr: float) -> RetrievalReport:
+    return RetrievalReport(questions=10, page={"hit@5": hit5, "mrr": mrr}, anchor={}, config="", results=Path())
+
+
+def test_a_model_is_kept_only_when_no_set_gets_worse_and_one_gets_better():
+    before = {"dev": retrieval_report(0.8, 0.6), "held": retrieval_report(0.5, 0.4)}
+    assert verdict(before, before) == (False, "no gain")
+    assert verdict(before, {**before, "dev": retrieval_report(0.8, 0.7)}) == (True, "better on dev")
+    assert verdict(before, {"dev": retrieval_report(0.9, 0.7), "held": retrieval_report(0.5, 0.39)}) == (
+        False, "worse on held")
+    assert verdict(before, {**before, "dev": retrieval_report(0.7, 0.7)}) == (False, "worse on dev")  # hit@5 fell
+
+
+def tune_run(settings: Settings, options: TuneOptions):
+    app = Ragline(settings)
+    try:
+        return tune(app, options, llm=None)
+    finally:
+        app.close()
+
+
+def saved_models(settings: Settings) -> list[str]:
+    models = settings.data_dir / "models"
+    return sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+
+
+@pytest.mark.slow
+def test_tune_measures_a_reranker_before_and_after_and_keeps_it_only_if_it_helps(tiny_index, tmp_path):
+    settings = copy_of_index(tiny_index, tmp_path / "index")
+    report = tune_run(settings, TuneOptions(target="reranker", questions=0, max_minutes=2, epochs=2, holdout=0.34))
     assert report.pairs == {"synthetic": 0, "headings": 18} and report.steps > 0
     assert set(report.before) == set(report.after) == {"held-out headings"}
     assert report.before["held-out headings"].questions == 6
-    models = settings.data_dir / "models"
-    published = [p for p in models.iterdir() if not p.name.startswith(".")]
-    assert not [p for p in models.iterdir() if p.name.startswith(".")]  # the staged copy is gone either way
-    if report.kept:
-        assert published == [report.model_dir] and (report.model_dir / "card.json").is_file()
+    if report.kept:  # the staged copy is gone either way
+        assert saved_models(settings) == [report.model_dir.name] and (report.model_dir / "card.json").is_file()
     else:
-        assert published == [] and report.reason
+        assert saved_models(settings) == [] and report.reason
 
 
 @pytest.mark.slow
-def test_tune_command_reports_before_and_after(tiny_index, tmp_path, capsys):
+def test_an_embedder_that_cannot_change_the_ranking_is_discarded_and_the_index_left_alone(tiny_index, tmp_path):
+    settings = copy_of_index(tiny_index, tmp_path / "index", retrieve=RetrieveSettings(mode="keyword"))
+    store = settings.data_dir / "store.sqlite"
+    stored = store.read_bytes()
+    options = TuneOptions(target="embedder", questions=0, max_minutes=2, epochs=3, holdout=0.34, learning_rate=1e-3)
+    report = tune_run(settings, options)
+    assert report.steps > 0 and "re-embed" in report.timings
+    assert {n: r.page for n, r in report.after.items()} == {n: r.page for n, r in report.before.items()}
+    assert (report.kept, report.reason, report.model_dir) == (False, "no gain", None)
+    assert saved_models(settings) == [] and not list((settings.data_dir / "tune").glob("reindex-*"))
+    assert store.read_bytes() == stored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["embedder", "reranker"])
+def test_tune_command_reports_before_and_after(tiny_index, tmp_path, capsys, target):
     from ragline.cli import run
 
     settings, model = tiny_index
     shutil.copytree(settings.data_dir, tmp_path / "index")
     config = tmp_path / "ragline.yaml"
     config.write_text(f"data_dir: {tmp_path / 'index'}\nembedder:\n  model: {model}\n")
-    assert run(["--config", str(config), "tune", "--questions", "0", "--max-minutes", "1", "--holdout", "0.34"]) == 0
+    command = ["--config", str(config), "tune", "--target", target, "--questions", "0", "--max-minutes", "1",
+               "--holdout", "0.34"]
+    assert run(command) == 0
     printed = capsys.readouterr().out
     assert "held-out headings" in printed and "18 heading" in printed
-    assert "not kept" in printed or "backend: cross-encoder" in printed
+    assert ("re-embed" in printed) == (target == "embedder")  # only the embedder re-embeds the index
+    selected = "embedder:\n  model:" if target == "embedder" else "backend: cross-encoder"
+    assert "not kept" in printed or selected in printed
+
+
+def test_tune_command_rejects_an_unknown_target(capsys):
+    from ragline.cli import run
+
+    assert run(["tune", "--target", "generator"]) == 2
+    assert "generator" in capsys.readouterr().err

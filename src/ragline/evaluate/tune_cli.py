@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ragline.app import Ragline
-from ragline.evaluate.tune import TuneOptions, TuneReport, figures, tune
+from ragline.evaluate.tune import Target, TuneOptions, TuneReport, figures, tune
 from ragline.generate.base import LLMError
 
 
@@ -29,6 +29,10 @@ class PhaseBars:
 
 
 def tune_command(
+    target: Annotated[
+        Target, typer.Option(help="embedder: fine-tune the embedding model (then `ragline ingest --full`); "
+                             "reranker: train a cross-encoder reranker")
+    ] = TuneOptions().target,
     questions: Annotated[
         int, typer.Option(min=0, help="synthetic questions the LLM writes (0: heading → section pairs only)")
     ] = 200,
@@ -43,11 +47,12 @@ def tune_command(
     batch_size: Annotated[int, typer.Option(min=1, max=256)] = 16,
     seed: Annotated[int, typer.Option(help="sampling, split and training seed")] = 0,
 ) -> None:
-    """Train a reranker on your own corpus (offline, on CPU) and keep it only if it retrieves better.
+    """Adapt retrieval to your own corpus (offline, on CPU) and keep the model only if it retrieves better.
 
     Synthetic questions from the configured LLM (cached, so a rerun resumes) and heading → section
-    pairs, hard negatives from keyword and dense search, a cross-encoder initialised from the
-    embedding model; measured before/after on held-out pairs and the --dev sets.
+    pairs, hard negatives from keyword and dense search; then the embedding model fine-tuned
+    (--target embedder, measured on a re-embedded copy of the index) or a cross-encoder reranker
+    initialised from it (--target reranker); measured before/after on held-out pairs and the --dev sets.
     """
     from ragline.cli import State, err, out  # the CLI mounts this command: imported when it runs
 
@@ -56,8 +61,8 @@ def tune_command(
         if not path.is_file():
             raise typer.BadParameter(f"{path} is not a file", param_hint="--dev")
     options = TuneOptions(
-        questions=questions, negatives=negatives, holdout=holdout, max_minutes=max_minutes, epochs=epochs,
-        batch_size=batch_size, seed=seed, dev_sets=list(dev or []),
+        target=target, questions=questions, negatives=negatives, holdout=holdout, max_minutes=max_minutes,
+        epochs=epochs, batch_size=batch_size, seed=seed, dev_sets=list(dev or []),
     )
     app = Ragline(settings)
     try:
@@ -105,4 +110,8 @@ def _print_report(report: TuneReport, out, err) -> None:  # type: ignore[no-unty
         return
     out.print(f"[green]kept[/green] ({escape(report.reason)}): {escape(str(report.model_dir))}")
     out.print("select it in ragline.yaml:")
-    print(f"retrieve:\n  rerank:\n    backend: cross-encoder\n    model: {report.model_dir.resolve()}")
+    if report.target == "embedder":
+        print(f"embedder:\n  model: {report.model_dir.resolve()}")
+        out.print("then rebuild the index with it (every vector changes): ragline ingest --full")
+    else:
+        print(f"retrieve:\n  rerank:\n    backend: cross-encoder\n    model: {report.model_dir.resolve()}")
