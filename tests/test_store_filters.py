@@ -6,7 +6,8 @@ import pytest
 import typer
 from store_contract import chunks_for, put, record
 
-from ragline.cli import _parse_filters, run
+from ragline.cli import run
+from ragline.cli.common import parse_filters
 from ragline.config import RetrieveSettings
 from ragline.retrieve.retriever import Retriever
 from ragline.store.base import MAX_IN_VALUES, FilterError, check_filters
@@ -50,14 +51,14 @@ def test_an_empty_index_says_it_has_no_fields_yet():
 
 
 def test_cli_filters_are_parsed_to_the_fields_types():
-    parsed = _parse_filters(
+    parsed = parse_filters(
         ["page=3", "draft=True", "score=0.5", "format=pdf", "format=html", "heading_path=Intro"], FIELDS
     )
     assert parsed == {
         "page": 3, "draft": True, "score": 0.5, "format": {"$in": ["pdf", "html"]}, "heading_path": "Intro",
     }
     assert check_filters(parsed, FIELDS)
-    assert _parse_filters(None, FIELDS) is None
+    assert parse_filters(None, FIELDS) is None
 
 
 @pytest.mark.parametrize(
@@ -67,14 +68,14 @@ def test_cli_filters_are_parsed_to_the_fields_types():
 )
 def test_cli_filters_that_do_not_fit_are_bad_parameters(item, problem):
     with pytest.raises(typer.BadParameter, match=problem):
-        _parse_filters([item], FIELDS)
+        parse_filters([item], FIELDS)
 
 
 def test_cli_filter_on_an_int_field_matches(tmp_path):
     store = LocalStore(tmp_path)
     put(store, "a", [0], page=3)
     put(store, "b", [1], page=4)
-    assert store.count(_parse_filters(["page=3"], store.filter_fields())) == 1
+    assert store.count(parse_filters(["page=3"], store.filter_fields())) == 1
     store.close()
 
 

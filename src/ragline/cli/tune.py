@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ragline.app import Ragline
+from ragline.cli.common import State, err, out
 from ragline.evaluate.tune import Target, TuneOptions, TuneReport, figures, tune
 from ragline.generate.base import LLMError
 
@@ -54,7 +55,6 @@ def tune_command(
     (--target embedder, measured on a re-embedded copy of the index) or a cross-encoder reranker
     initialised from it (--target reranker); measured before/after on held-out pairs and the --dev sets.
     """
-    from ragline.cli import State, err, out  # the CLI mounts this command: imported when it runs
 
     settings = State.settings()
     for path in dev or []:

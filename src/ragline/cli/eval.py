@@ -1,7 +1,4 @@
-"""`ragline eval`, the command line of the evaluate package: parse, draw progress, print figures.
-
-Mounted by ragline.cli; commands import it (settings, consoles) when they run.
-"""
+"""`ragline eval`, the command line of the evaluate package: parse, draw progress, print figures."""
 
 from __future__ import annotations
 
@@ -15,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ragline.app import Ragline
+from ragline.cli.common import State, err, out, retrieve_overrides
 from ragline.config import SourceSettings
 from ragline.evaluate.records import EvalInputError, read_lines, read_questions
 
@@ -34,7 +32,6 @@ class QuestionBar:
     """The progress of an evaluation on stderr (so JSON on stdout stays clean); resumed questions start it."""
 
     def __init__(self, label: str) -> None:
-        from ragline.cli import err
 
         self._bar = Progress(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -83,12 +80,11 @@ def retrieval_command(
     json_output: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Hit@1/3/5/7/10, MRR and nDCG@10 of the gold page and section among the top 10 passages."""
-    from ragline.cli import State, _retrieve_options, out
     from ragline.evaluate.retrieval import evaluate_retrieval
 
     settings = State.settings()
     items = read_questions(questions, required=("question", "source"))
-    options = _retrieve_options(settings.retrieve, None, None, retrieve)
+    options = retrieve_overrides(settings.retrieve, None, None, retrieve)
     app = Ragline(settings)
     try:
         with QuestionBar("retrieval") as bar:
@@ -116,7 +112,6 @@ def generate_questions_command(
 
     Replies are cached beside OUTPUT, so an interrupted run resumes without asking again.
     """
-    from ragline.cli import State, err, out
     from ragline.evaluate.synthetic import generate_questions
     from ragline.evaluate.tune import load_chunks
     from ragline.generate.base import LLMError
@@ -154,12 +149,11 @@ def answers_command(
 ) -> None:
     """Answer each question, then an LLM judge grades correctness (1–5, against the reference),
     relevance (1–5) and whether each cited claim is supported by its passages (judge: settings)."""
-    from ragline.cli import State, _retrieve_options, out
     from ragline.evaluate.answers import evaluate_answers, judge_from_settings
 
     settings = State.settings()
     items = read_questions(questions)
-    options = _retrieve_options(settings.retrieve, None, None, retrieve)
+    options = retrieve_overrides(settings.retrieve, None, None, retrieve)
     judge = judge_from_settings(settings)
     app = Ragline(settings)
     try:
@@ -196,7 +190,6 @@ def sweep_command(
     Chunking (chunker.*) and embedder.* values get one index each under --out, reused; a rerun skips
     finished points and resumes an interrupted one.
     """
-    from ragline.cli import State, err, out
     from ragline.evaluate.sweep import parse_param, read_grid, run_sweep
 
     settings = State.settings()
@@ -222,7 +215,6 @@ def cost_command(
     json_output: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Tokens per answer and dollars per answer and in total, per model (answers and judge apart)."""
-    from ragline.cli import err, out
     from ragline.evaluate.cost import cost_report, read_prices
 
     rows = cost_report(read_lines(results), read_prices(prices))

@@ -9,21 +9,23 @@ from typing import Annotated, Optional
 
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ragline.app import Ragline
-from ragline.config import ConfigError, RetrieveSettings, Settings, SourceSettings, load_settings, retrieve_options
+from ragline.cli.common import (
+    FILTER_OPTION, MODE_OPTION, RERANK_OPTION, RETRIEVE_OPTION, BarProgress, State, err, out, parse_filters,
+    retrieve_overrides,
+)
+from ragline.cli.eval import eval_cli
+from ragline.cli.tune import tune_command
+from ragline.config import ConfigError, SourceSettings
 from ragline.embed.base import EmbedderError
-from ragline.evaluate.cli import eval_cli
-from ragline.evaluate.tune_cli import tune_command
 from ragline.generate.base import LLMError
 from ragline.pipeline import IngestError, IngestReport
 from ragline.registry import UnknownComponentError
 from ragline.retrieve.retriever import Retrieval, RetrievalError
-from ragline.store.base import FilterError, StoreError, parse_filter_value
+from ragline.store.base import StoreError
 
 EXIT_RUN_FAILED = 1
 EXIT_FILES_FAILED = 3
@@ -43,18 +45,6 @@ cli.add_typer(router_cli, name="router")
 llm_cli = typer.Typer(help="The configured LLM.", no_args_is_help=True)
 cli.add_typer(llm_cli, name="llm")
 cli.add_typer(eval_cli, name="eval")
-# Lines are never soft-wrapped at the terminal width: a path or URL cut in two cannot be
-# copied, and a script must be able to parse every line (machine output uses plain print()).
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-
-class State:
-    config_file: Path | None = None
-
-    @classmethod
-    def settings(cls) -> Settings:
-        return load_settings(cls.config_file)
 
 
 @cli.callback()
@@ -65,30 +55,6 @@ def main_options(
     ] = None,
 ) -> None:
     State.config_file = config
-
-
-class BarProgress:
-    """Draws the indexer's progress on stderr, so JSON on stdout stays clean."""
-
-    def __init__(self) -> None:
-        self._bar = Progress(
-            TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[path]}", style="dim"), console=err, transient=True,
-        )
-        self._task = None
-
-    def waiting(self, message: str) -> None:
-        err.print(f"[dim]{escape(message)}…[/dim]")
-
-    def start(self, total_files: int) -> None:
-        self._bar.start()
-        self._task = self._bar.add_task("ingest", total=total_files, path="")
-
-    def advance(self, path: str) -> None:
-        self._bar.update(self._task, advance=1, path=Path(path).name[-40:])
-
-    def stop(self) -> None:
-        self._bar.stop()
 
 
 def _print_report(report: IngestReport) -> None:
@@ -154,49 +120,6 @@ def ingest(
         raise typer.Exit(EXIT_FILES_FAILED)
 
 
-FILTER_OPTION = typer.Option("--filter", help="metadata filter field=value (repeatable)")
-MODE_OPTION = typer.Option("--mode", help="dense, keyword or hybrid (default: retrieve.mode)")
-RERANK_OPTION = typer.Option("--rerank", help="none, cross-encoder, http or llm (default: retrieve.rerank.backend)")
-RETRIEVE_OPTION = typer.Option(
-    "--retrieve", help="any retrieval setting for this call, e.g. mmr_lambda=0.7 or transforms.hyde=true (repeatable)"
-)
-
-
-def _retrieve_options(
-    base: RetrieveSettings, mode: str | None, rerank: str | None, items: list[str] | None
-) -> RetrieveSettings | None:
-    """The config's retrieval settings with this call's `--mode`, `--rerank` and `--retrieve key=value` options."""
-    overrides: dict[str, object] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{item!r} is not key=value", param_hint="--retrieve")
-        overrides[key.strip()] = yaml.safe_load(text) if text.strip() else None
-    if mode is not None:
-        overrides["mode"] = mode
-    if rerank is not None:
-        overrides["rerank.backend"] = rerank
-    try:
-        return retrieve_options(base, overrides) if overrides else None
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--retrieve/--mode/--rerank") from None
-
-
-def _parse_filters(items: list[str] | None, fields: dict[str, str]) -> dict[str, object] | None:
-    """`--filter field=value` options as store filters, each value parsed to the field's type
-    (`fields`, from `VectorStore.filter_fields()`); a repeated field matches any of its values."""
-    values: dict[str, list] = {}
-    for item in items or []:
-        name, sep, text = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{item!r} is not field=value", param_hint="--filter")
-        try:
-            values.setdefault(name, []).append(parse_filter_value(name, text, fields))
-        except FilterError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--filter") from None
-    return {name: found[0] if len(found) == 1 else {"$in": found} for name, found in values.items()} or None
-
-
 def _print_hits(result: Retrieval) -> None:
     if not result.hits:
         out.print("[yellow]no passages found[/yellow] (is the index empty? run `ragline ingest`)")
@@ -236,10 +159,10 @@ def search(
         line.strip() for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
     settings = State.settings()
-    options = _retrieve_options(settings.retrieve, mode, rerank, retrieve)
+    options = retrieve_overrides(settings.retrieve, mode, rerank, retrieve)
     app = Ragline(settings)
     try:
-        wanted = _parse_filters(filters, app.store.filter_fields())  # before the model loads: bad input fails fast
+        wanted = parse_filters(filters, app.store.filter_fields())  # before the model loads: bad input fails fast
         results = app.retriever.search_many(texts, k, wanted, options)
     finally:
         app.close()
@@ -263,13 +186,13 @@ def ask(
 ) -> None:
     """Answer a question from the indexed documents, with [n] citations to their sections."""
     settings = State.settings()
-    options = _retrieve_options(settings.retrieve, mode, rerank, retrieve)
+    options = retrieve_overrides(settings.retrieve, mode, rerank, retrieve)
     app = Ragline(settings)
     live = not (json_output or no_stream)
     final: dict = {}
     streamed = False
     try:
-        for event in app.ask(question, k, _parse_filters(filters, app.store.filter_fields()), options):
+        for event in app.ask(question, k, parse_filters(filters, app.store.filter_fields()), options):
             if event["type"] == "token" and live:
                 out.print(event["text"], end="", markup=False, highlight=False, soft_wrap=True)
                 streamed = True
