@@ -46,7 +46,7 @@ class Stream:
     break_after: int | None = None
     delay_s: float = 0.0
     piece_delay_s: float = 0.0
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
     done: bool = True
     keepalives: int = 0
     keepalive_every_s: float = 0.05
@@ -59,7 +59,7 @@ class Received:
     headers: dict[str, str]
 
 
-def completion(text: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
+def completion(text: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON of a non-streamed chat completion."""
     body: dict[str, Any] = {
         "id": "chatcmpl-test",

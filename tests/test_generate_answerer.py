@@ -46,7 +46,7 @@ def test_streamed_answer_yields_pieces_then_a_grounded_answer(server):
     assert answer.grounded and [c.n for c in answer.citations] == [1, 2]
     assert answer.citations[0].url == "https://docs.example.org/page1.html#section-1"
     assert answer.model == "strong-model" and answer.hits == HITS and answer.note == ""
-    assert answer.usage == {"prompt_tokens": 120, "completion_tokens": 20, "total_tokens": 140}
+    assert answer.usage == {"prompt_tokens": 120, "completion_tokens": 20, "total_tokens": 140, "cached_tokens": 0}
     assert 0 < answer.timings["ttft_ms"] <= answer.timings["generate_ms"]
 
     user = server.received[0].body["messages"][-1]["content"]

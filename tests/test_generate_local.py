@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -216,3 +217,47 @@ def test_a_busy_or_slow_local_model_gives_up_at_its_deadline(smollm2: LlamaCppLL
     with pytest.raises(LLMError, match=r"stopped: no complete answer within 1e-06s \(generation_timeout_s\)"):
         list(smollm2.stream(MESSAGES, max_tokens=64, temperature=0.0))
     assert not smollm2._lock.locked()
+
+
+def grounded_messages(question: str) -> list[dict[str, str]]:
+    """The real answer prompt: rules and worked examples (the fixed start), then passages and the question."""
+    from ragline.generate.prompt import FEW_SHOT, SYSTEM_PROMPT, _user_message
+
+    passages = ["[1] Configuration — https://example.org/config#port\nThe server listens on port 8000 by default."]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *FEW_SHOT, {"role": "user", "content": _user_message(passages, question)}]
+
+
+def answer_in_new_process(data_dir: Path, question: str) -> dict:
+    script = (
+        "import json, sys; from pathlib import Path; from ragline.generate.local import LlamaCppLLM, SMOLLM2;"
+        "from test_generate_local import grounded_messages;"
+        "llm = LlamaCppLLM(SMOLLM2, data_dir=Path(sys.argv[1]), n_ctx=1024, n_threads=2, prompt_cache=True);"
+        "result = llm.generate(grounded_messages(sys.argv[2]), max_tokens=8, temperature=0.0);"
+        "print(json.dumps({'text': result.text, 'cached': result.usage.cached_tokens}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([sys.executable, "-c", script, str(data_dir), question],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_the_prompt_start_is_evaluated_once_then_reused_in_process_and_by_a_new_process(smollm2, tmp_path: Path):
+    llm = LlamaCppLLM(SMOLLM2, data_dir=tmp_path, n_ctx=1024, n_threads=2, prompt_cache=True)
+    first = llm.generate(grounded_messages("Which port does the server use?"), max_tokens=8, temperature=0.0)
+    assert first.usage.cached_tokens == 0
+    (saved,) = (tmp_path / "cache" / "llm").glob("*.session")
+    second = llm.generate(grounded_messages("How do I change the port?"), max_tokens=8, temperature=0.0)
+    fixed_start = second.usage.cached_tokens
+    assert 64 <= fixed_start < second.usage.prompt_tokens  # the rules and examples, not the passages
+    elsewhere = answer_in_new_process(tmp_path, "How do I change the port?")
+    assert elsewhere == {"text": second.text, "cached": fixed_start}  # read from the file, same answer
+    assert list((tmp_path / "cache" / "llm").glob("*.session")) == [saved]
+
+
+def test_a_corrupt_prompt_cache_is_evaluated_again_and_replaced(smollm2, tmp_path: Path):
+    reference = answer_in_new_process(tmp_path, "Which port does the server use?")  # writes the file
+    (saved,) = (tmp_path / "cache" / "llm").glob("*.session")
+    saved.write_bytes(b"not a llama.cpp session" * 100)
+    assert answer_in_new_process(tmp_path, "Which port does the server use?") == reference  # nothing was cached
+    assert answer_in_new_process(tmp_path, "Which port does the server use?")["cached"] >= 64  # rewritten, readable

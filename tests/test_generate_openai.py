@@ -52,6 +52,15 @@ def test_plain_completion_returns_text_and_reported_usage(server):
     }
 
 
+def test_prompt_tokens_the_server_had_cached_are_reported(server):
+    reported = {"prompt_tokens": 900, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 640}}
+    server.script(Reply(200, completion("ok", reported)), Stream(["o", "k"], usage=reported))
+    llm = client(server.url)
+    assert llm.generate(MESSAGES, max_tokens=5).usage.as_dict()["cached_tokens"] == 640
+    stream = llm.stream(MESSAGES, max_tokens=5)
+    assert "".join(stream) == "ok" and stream.usage.cached_tokens == 640
+
+
 def test_api_key_is_sent_as_bearer_token(server):
     server.script(Reply(200, completion("ok")))
     OpenAICompatLLM("m", base_url=server.url, api_key="sk-test").generate(MESSAGES, max_tokens=5)

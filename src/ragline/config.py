@@ -231,6 +231,11 @@ class LLMSettings(_Strict):
     # Local llama.cpp
     n_ctx: int = Field(default=4096, ge=256)
     n_threads: int | None = Field(default=None, ge=1, description="default: all CPU cores")
+    prompt_cache: bool = Field(
+        default=True,
+        description="keep the evaluated start of the prompt (rules, worked examples) in <data_dir>/cache/llm, "
+        "so that a new process does not evaluate it again",
+    )
 
 
 class RouterSettings(_Strict):
@@ -239,6 +244,31 @@ class RouterSettings(_Strict):
     enabled: bool = False
     model_path: Path | None = Field(default=None, description="default: <data_dir>/models/router.joblib")
     examples: Path | None = Field(default=None, description="labelled JSONL; default: the bundled examples")
+
+
+class VerifySettings(_Strict):
+    """How answers are checked claim by claim against their passages (`ragline.generate.verify`)."""
+
+    enabled: bool = Field(default=True, description="verify answers and rewrite their citations")
+    method: Literal["lexical", "embedding", "cross-encoder", "combined"] = Field(
+        default="combined",
+        description="lexical: content-word and identifier overlap; embedding: cosine under the index's model; "
+        "cross-encoder: a local model folder (e.g. made by `ragline tune`); combined: lexical and embedding mixed",
+    )
+    support_threshold: float | None = Field(
+        default=None, description="score a passage needs to support a claim; default: the method's measured one"
+    )
+    grounded_share: float = Field(
+        default=0.8, ge=0, le=1, description="share of claims that must be supported for the answer to be grounded"
+    )
+    window: int = Field(default=2, ge=1, le=5, description="up to this many consecutive passage sentences form a span")
+    model: str | None = Field(default=None, description="cross-encoder: the local model folder")
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> VerifySettings:
+        if self.method == "cross-encoder" and not self.model:
+            raise ValueError("verify.method cross-encoder needs verify.model: a local model folder")
+        return self
 
 
 class GenerateSettings(_Strict):
@@ -250,6 +280,7 @@ class GenerateSettings(_Strict):
     )
     max_answer_tokens: int | None = Field(default=1024, ge=1, description="cap on answer length")
     temperature: float = Field(default=0.1, ge=0, le=2)
+    verify: VerifySettings = Field(default_factory=VerifySettings)
 
     @model_validator(mode="after")
     def _router_needs_cheap_llm(self) -> GenerateSettings:

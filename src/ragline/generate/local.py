@@ -44,6 +44,7 @@ from ragline.generate.base import (
     iterate_in_thread,
 )
 from ragline.config import LLMSettings
+from ragline.generate.prefix_cache import PrefixCache, prefix_tokens
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -206,10 +207,12 @@ class LlamaCppLLM:
         n_ctx: int = 4096,
         n_threads: int | None = None,
         generation_timeout_s: float | None = 600.0,
+        prompt_cache: bool = False,
     ):
         self.path = model_file(model, data_dir)
         self.name = model if model in (QWEN_CODER, SMOLLM2) else self.path.stem
         self.context_window = n_ctx
+        self.prompt_cache = PrefixCache(data_dir / "cache" / "llm", self._cache_id()) if prompt_cache else None
         self.n_threads = n_threads or os.cpu_count() or 1
         self.generation_timeout_s = generation_timeout_s
         self._llama: Llama | None = None
@@ -225,7 +228,14 @@ class LlamaCppLLM:
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads,
             generation_timeout_s=settings.generation_timeout_s,
+            prompt_cache=settings.prompt_cache,
         )
+
+    def _cache_id(self) -> str:
+        """Names this model file and context size: a saved context is only valid for exactly these."""
+        stat = self.path.stat()
+        key = f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.context_window}"
+        return f"{self.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
     def load(self) -> None:
         """Load the vocabulary and the weights now rather than on the first question."""
@@ -261,6 +271,13 @@ class LlamaCppLLM:
         finally:
             self._lock.release()
 
+    def _ready(self, messages: list[Message]) -> tuple[Llama, int]:
+        """The model, its context already holding the prompt's fixed start when the cache is on, and how many
+        prompt tokens that saved this call; callers hold `_lock`."""
+        llama = self._model()
+        tokens = prefix_tokens(llama, messages) if self.prompt_cache is not None else []
+        return llama, self.prompt_cache.prepare(llama, tokens) if tokens else 0
+
     def _tokenizer(self) -> Llama:
         """The vocabulary-only handle, loaded on first use; callers hold `_vocab_lock`."""
         if self._vocab is None:
@@ -274,17 +291,19 @@ class LlamaCppLLM:
 
     def generate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
         with self._turn():
-            llama = self._model()
             try:
+                llama, cached = self._ready(messages)
                 result: Any = llama.create_chat_completion(
                     messages=messages,  # type: ignore[arg-type]  # llama_cpp wants its TypedDicts
                     max_tokens=max_tokens,
                     temperature=temperature,
                 )
+            except LLMError:
+                raise
             except (ValueError, RuntimeError) as exc:
                 raise self._failed(exc) from exc
         choice = result["choices"][0]
-        usage = Usage(result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"])
+        usage = Usage(result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"], cached)
         return Completion(text=choice["message"]["content"] or "", usage=usage, finish_reason=choice["finish_reason"])
 
     def stream(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> TokenStream:
@@ -302,9 +321,9 @@ class LlamaCppLLM:
         pieces: list[str] = []
         with self._turn():
             clock = StreamClock(None, self.generation_timeout_s)
-            llama = self._model()
             chunks: Any = None
             try:
+                llama, usage.cached_tokens = self._ready(messages)
                 chunks = llama.create_chat_completion(
                     messages=messages,  # type: ignore[arg-type]  # llama_cpp wants its TypedDicts
                     max_tokens=max_tokens,

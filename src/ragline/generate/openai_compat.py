@@ -47,6 +47,13 @@ _HINTS = {
 }
 
 
+def read_usage(usage: Usage, reported: dict[str, Any]) -> None:
+    """The server's token counts, with the prompt tokens it served from its prefix cache (OpenAI, vLLM)."""
+    usage.prompt_tokens = reported.get("prompt_tokens") or 0
+    usage.completion_tokens = reported.get("completion_tokens") or 0
+    usage.cached_tokens = (reported.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
 class _StreamParser:
     """Turns server-sent event lines into text pieces and fills in the usage; enforces the stream deadlines."""
 
@@ -78,8 +85,7 @@ class _StreamParser:
         if "error" in event:
             raise LLMError(f"LLM at {self._llm.base_url} reported an error mid-stream: {event['error']}")
         if event.get("usage"):
-            self._usage.prompt_tokens = event["usage"].get("prompt_tokens", 0)
-            self._usage.completion_tokens = event["usage"].get("completion_tokens", 0)
+            read_usage(self._usage, event["usage"])
             self._reported_usage = True
         piece = None
         for choice in event.get("choices") or ():
@@ -313,8 +319,7 @@ class OpenAICompatLLM:
             raise LLMError(f"LLM at {self.base_url} answered without a message: {body[:200]!r}") from exc
         usage = Usage()
         if reported := data.get("usage"):
-            usage.prompt_tokens = reported.get("prompt_tokens", 0)
-            usage.completion_tokens = reported.get("completion_tokens", 0)
+            read_usage(usage, reported)
         else:
             estimate_usage(usage, self.count_tokens, messages, text)
         return Completion(text=text, usage=usage, finish_reason=choice.get("finish_reason"))
