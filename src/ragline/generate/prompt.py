@@ -28,11 +28,11 @@ Rules:
 
 _BLOCK_SEPARATOR = "\n\n"
 _CITATION_NUMBERS = r"\[\d{1,4}(?:\s*,\s*\d{1,4})*\]"
-_CITATIONS = re.compile(rf"(?<![\w\]])(?:{_CITATION_NUMBERS})+")
+CITATION_RUN = re.compile(rf"(?<![\w\]])(?:{_CITATION_NUMBERS})+")
 """A run of bracketed numbers like `[2]` or `[1, 3][4]`, at the start or after whitespace or punctuation:
 `a[1]` in prose is an index, not a citation, and a passage number has at most 4 digits."""
 _NUMBER = re.compile(r"\d+")
-_CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.DOTALL)
+CODE_SPAN = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +117,7 @@ def build_prompt(
 def cited_numbers(text: str) -> list[int]:
     """The [n] numbers in an answer, in order of first use; code spans are skipped (`a[0]` is no citation)."""
     numbers: list[int] = []
-    for match in _CITATIONS.finditer(_CODE.sub(" ", text)):
+    for match in CITATION_RUN.finditer(CODE_SPAN.sub(" ", text)):
         for number in _NUMBER.findall(match.group()):
             if (n := int(number)) not in numbers:
                 numbers.append(n)
