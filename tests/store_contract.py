@@ -237,6 +237,15 @@ class StoreContract(KeywordContract):
         assert (only.status, only.error, only.chunk_ids) == ("failed", "corrupt PDF", [])
         assert store.count() == 0
 
+    def test_manifest_keeps_what_a_file_was_built_from(self, store):
+        included = record("a")
+        included.dependencies = {"snippets/port.md": "33:1700000000000000000", "later.md": "missing"}
+        store.upsert_document(included, chunks_for("a", 1), np.stack([vector(0)]))
+        (only,) = store.documents()
+        assert only.dependencies == included.dependencies
+        store.upsert_document(record("a"), chunks_for("a", 1), np.stack([vector(0)]))
+        assert store.documents()[0].dependencies == {}
+
     def test_filters_equal_in_and_list_fields(self, store):
         put(store, "a", [0, 0], format="pdf", groups=["eng", "ops"])
         put(store, "b", [0], format="html", groups=["sales"])

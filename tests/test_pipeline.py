@@ -302,3 +302,34 @@ def test_a_zip_bomb_is_refused_from_its_directory_before_parsing(corpus, make_ap
     app = make_app(max_zip_ratio=50)
     reasons = dict(app.indexer().run([SourceSettings(path=corpus)], full=True).failed)
     assert "(ingest.max_zip_ratio)" in reasons[str(bomb)]
+
+
+def test_a_page_is_indexed_again_when_only_a_file_it_includes_changes_appears_or_goes(corpus, make_app):
+    page = corpus / "guide" / "config.md"
+    page.write_text("# Config\n\n```{include} snippets/port.md\n```\n\n```{include} snippets/later.md\n```\n")
+    (corpus / "guide" / "snippets").mkdir()
+    snippet = corpus / "guide" / "snippets" / "port.md"
+    snippet.write_text("The server listens on port 8080.\n")
+    app = make_app(exclude=["**/snippets/**"])  # the snippets are only read through the page
+    source = SourceSettings(path=corpus)
+
+    def page_text() -> str:
+        record = next(r for r in app.store.documents() if r.source.endswith("config.md"))
+        return " ".join(chunk.text for chunk in app.store.document_chunks(record.doc_id))
+
+    app.indexer().run([source])
+    assert "port 8080" in page_text()
+    assert app.indexer().run([source]).changed == []  # nothing changed: the page is not parsed again
+
+    snippet.write_text("The server listens on port 9090.\n")
+    report = app.indexer().run([source])
+    assert [Path(p).name for p in report.changed] == ["config.md"]
+    assert "port 9090" in page_text() and "port 8080" not in page_text()
+
+    (corpus / "guide" / "snippets" / "later.md").write_text("Timeouts are set in seconds.\n")  # was missing
+    assert [Path(p).name for p in app.indexer().run([source]).changed] == ["config.md"]
+    assert "Timeouts are set in seconds" in page_text()
+
+    snippet.unlink()
+    assert [Path(p).name for p in app.indexer().run([source]).changed] == ["config.md"]
+    assert "port 9090" not in page_text()

@@ -155,3 +155,23 @@ def test_an_index_of_the_previous_version_is_upgraded(data_dir):
     again.persist()
     assert not list((data_dir / "index").glob("*.npy")) and not (data_dir / "index" / "generation").exists()
     again.close()
+
+
+def test_a_version_3_manifest_gains_the_dependencies_column(data_dir):
+    store = LocalStore(data_dir)
+    put(store, "a", [0])
+    store.close()
+    db = sqlite3.connect(data_dir / "store.sqlite")
+    db.execute("ALTER TABLE documents DROP COLUMN dependencies")
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+
+    again = LocalStore(data_dir)
+    (only,) = again.documents()
+    assert (only.doc_id, only.dependencies) == ("a", {})
+    changed = again.documents()[0]
+    changed.dependencies = {"inc.md": "1:2"}
+    again.upsert_document(changed, [], np.zeros((0, 8), np.float32))
+    assert again.documents()[0].dependencies == {"inc.md": "1:2"}
+    again.close()

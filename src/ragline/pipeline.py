@@ -27,7 +27,7 @@ from ragline.config import IngestSettings, SourceSettings
 from ragline.embed.base import Embedder, EmbedderUnavailable
 from ragline.ingest.chunker import Chunker
 from ragline.ingest.loaders import loader_for
-from ragline.ingest.loaders.base import LoadError
+from ragline.ingest.loaders.base import LoadError, file_stamp
 from ragline.ingest.parse import ParseJob, ParseResult
 from ragline.ingest.scan import Found, printable, scan
 from ragline.ingest.workers import ParsePool, WorkerError, import_loader_modules
@@ -35,7 +35,7 @@ from ragline.locking import hold_exclusive
 from ragline.store.base import DocumentRecord, VectorStore
 from ragline.types import Chunk, utc_now
 
-PIPELINE_VERSION = "4"
+PIPELINE_VERSION = "5"
 """Bump when loaders or chunking change what they produce, so every file is re-indexed."""
 
 LOCK_POLL_S = 0.2
@@ -277,6 +277,7 @@ class Indexer:
             report.failed.append((printable(item.path), f"cannot read: {exc.strerror}"))
             return None
         indexed = known is not None and known.status in ("indexed", "skipped") and known.fingerprint == fingerprint
+        indexed = indexed and not any(file_stamp(root / path) != stamp for path, stamp in known.dependencies.items())
         if indexed and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             report.unchanged += 1
             return None
@@ -314,6 +315,7 @@ class Indexer:
         if result.error:
             self._fail(candidate.record, result.error, report)
             return
+        candidate.record.dependencies = result.dependencies
         if result.skipped:  # e.g. a notebook's jupytext twin: kept in the manifest, so it is not parsed again
             record = candidate.record
             record.status, record.error = "skipped", result.skipped

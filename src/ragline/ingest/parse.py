@@ -49,10 +49,15 @@ class ParseResult:
     error: str = ""
     notes: list[str] = field(default_factory=list)
     skipped: str = ""
+    dependencies: dict[str, str] = field(default_factory=dict)
+    """Other files of the tree the result depends on (includes, a notebook's twin), with their `file_stamp`."""
 
 
 def parse_file(job: ParseJob, settings: IngestSettings, chunker: Chunker) -> ParseResult:
     """Load and chunk one file; any failure becomes the result's `error`, never an exception."""
+    context = LoadContext(
+        Path(job.root) if job.root else None, tuple(settings.exclude_secrets), int(settings.max_file_mb * 1024 * 1024),
+    )
     try:
         refuse_private_key(job.data)
         check_archive(job.data, settings)
@@ -60,10 +65,6 @@ def parse_file(job: ParseJob, settings: IngestSettings, chunker: Chunker) -> Par
         if found is None:
             raise LoadError("unsupported file type")
         format_name, load = found
-        context = LoadContext(
-            Path(job.root) if job.root else None, tuple(settings.exclude_secrets),
-            int(settings.max_file_mb * 1024 * 1024),
-        )
         parsed = run_loader(load, job.data, Path(job.source), context)
         document = Document(
             doc_id=job.doc_id, source=job.source, url=job.url, format=format_name,
@@ -73,14 +74,14 @@ def parse_file(job: ParseJob, settings: IngestSettings, chunker: Chunker) -> Par
         if not chunks:
             raise LoadError("no text to index")
     except SkipFile as exc:
-        return ParseResult(skipped=str(exc))
+        return ParseResult(skipped=str(exc), dependencies=context.looked_at)
     except LoadError as exc:
         return ParseResult(error=str(exc))
     except MemoryError:
         return ParseResult(error=f"parsing needed more memory than ingest.file_memory_mb ({settings.file_memory_mb} MB)")
     except Exception as exc:  # a loader library failing on odd input must not end the batch
         return ParseResult(error=f"{type(exc).__name__}: {exc}")
-    return ParseResult(chunks, notes=parsed.notes)
+    return ParseResult(chunks, notes=parsed.notes, dependencies=context.looked_at)
 
 
 def check_archive(data: bytes, settings: IngestSettings) -> None:

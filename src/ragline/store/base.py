@@ -42,6 +42,9 @@ class DocumentRecord:
     status: str = "indexed"
     error: str = ""
     updated_at: str = ""
+    dependencies: dict[str, str] = field(default_factory=dict)
+    """Other files of its tree the indexed content came from (includes), by path from the root, with their
+    size and modification time when read: a change to one of them makes the file changed too."""
     chunk_ids: list[str] = field(default_factory=list)
 
 

@@ -66,7 +66,7 @@ from ragline.types import Chunk, Hit, utc_now
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """2 → 3 added the keyword index (filled from the chunks on upgrade)."""
 TIE_SLACK = 32
 TIE_DIGITS = 6
@@ -91,7 +91,8 @@ CREATE TABLE IF NOT EXISTS documents (
     fingerprint TEXT NOT NULL,
     status TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    dependencies TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -215,6 +216,9 @@ class LocalStore:
             try:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};")
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(documents)")}
+                if "dependencies" not in columns:  # version 3 and older
+                    self._db.execute("ALTER TABLE documents ADD COLUMN dependencies TEXT NOT NULL DEFAULT '{}'")
                 metadata = (json.loads(text) for (text,) in self._db.execute("SELECT metadata FROM chunks"))
                 self._record_fields(self._db, metadata)
                 if version < 3:  # (re)build the keyword index from the chunks
@@ -276,10 +280,12 @@ class LocalStore:
                 self._check_dim(db, vectors)
             db.execute("DELETE FROM chunks WHERE doc_id = ?", (record.doc_id,))
             db.execute(
-                "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO documents(doc_id, source, root, size, mtime_ns, sha256, fingerprint, status, "
+                "error, updated_at, dependencies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.doc_id, record.source, record.root, record.size, record.mtime_ns,
                     record.sha256, record.fingerprint, record.status, record.error, record.updated_at or utc_now(),
+                    json.dumps(record.dependencies, sort_keys=True),
                 ),
             )
             db.executemany(
@@ -349,11 +355,17 @@ class LocalStore:
 
     def documents(self) -> list[DocumentRecord]:
         with self._reading() as db:
-            rows = db.execute("SELECT * FROM documents ORDER BY source").fetchall()
+            rows = db.execute(
+                "SELECT doc_id, source, root, size, mtime_ns, sha256, fingerprint, status, error, updated_at, "
+                "dependencies FROM documents ORDER BY source"
+            ).fetchall()
             chunk_ids: dict[str, list[str]] = {}
             for doc_id, cid in db.execute("SELECT doc_id, chunk_id FROM chunks ORDER BY seq"):
                 chunk_ids.setdefault(doc_id, []).append(cid)
-        return [DocumentRecord(*row, chunk_ids=chunk_ids.get(row[0], [])) for row in rows]
+        return [
+            DocumentRecord(*row[:10], dependencies=json.loads(row[10]), chunk_ids=chunk_ids.get(row[0], []))
+            for row in rows
+        ]
 
     def count(self, filters: Filters | None = None) -> int:
         with self._reading() as db:

@@ -10,6 +10,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from stat import S_ISREG
 from typing import Callable
 
 from charset_normalizer import from_bytes
@@ -66,6 +67,9 @@ class LoadContext:
     root: Path | None = None
     secrets: tuple[str, ...] = ()
     max_bytes: int = 50 * 1024 * 1024
+    looked_at: dict[str, str] = field(default_factory=dict)
+    """Every file of the tree the page looked for or read, by path from the root, with its `file_stamp` then:
+    the page must be parsed again when one of them changes, appears or goes."""
 
     def locate(self, including: PurePosixPath, target: str) -> PurePosixPath:
         """The path from the root of `target` as written in the file `including`.
@@ -84,7 +88,14 @@ class LoadContext:
         return PurePosixPath(found.relative_to(root).as_posix())
 
     def exists(self, relative: PurePosixPath) -> bool:
-        return self.root is not None and (self.root / relative).is_file()
+        if self.root is None:
+            return False
+        self._look_at(relative)
+        return (self.root / relative).is_file()
+
+    def _look_at(self, relative: PurePosixPath) -> None:
+        assert self.root is not None
+        self.looked_at.setdefault(relative.as_posix(), file_stamp(self.root / relative))
 
     def read_text(self, relative: PurePosixPath) -> str:
         """The decoded text of a file of the tree, refused as the ingest itself would refuse it."""
@@ -93,6 +104,7 @@ class LoadContext:
         if pattern := first_match(relative.as_posix(), relative.name, list(self.secrets)):
             raise IncludeError(f"its name matches ingest.exclude_secrets {pattern!r}")
         path = self.root / relative
+        self._look_at(relative)
         try:
             if path.stat().st_size > self.max_bytes:
                 raise IncludeError(f"it is over the {self.max_bytes / 1048576:g} MB limit (ingest.max_file_mb)")
@@ -105,6 +117,15 @@ class LoadContext:
             raise IncludeError(f"cannot read it: {exc.strerror}") from exc
         except LoadError as exc:
             raise IncludeError(str(exc)) from exc
+
+
+def file_stamp(path: Path) -> str:
+    """What says a file changed without reading it: its size and modification time, or "missing"."""
+    try:
+        info = path.stat()
+    except OSError:
+        return "missing"
+    return f"{info.st_size}:{info.st_mtime_ns}" if S_ISREG(info.st_mode) else "missing"
 
 
 def decode_text(data: bytes, path: Path) -> str:
