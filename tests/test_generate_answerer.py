@@ -12,6 +12,7 @@ from ragline.generate.answerer import Answerer
 from ragline.generate.openai_compat import OpenAICompatLLM
 from ragline.generate.prompt import NO_ANSWER
 from ragline.generate.router import Router
+from ragline.generate.verify import LexicalScorer, Verifier
 from ragline.config import GenerateSettings, LLMSettings
 from ragline.types import Answer
 
@@ -143,11 +144,35 @@ def test_router_and_cheap_model_go_together(server):
         GenerateSettings(router={"enabled": True})
 
 
-def test_settings_without_a_model_build_an_extractive_answerer(tmp_path: Path):
+def test_settings_without_a_model_build_an_extractive_answerer_whose_claims_are_checked(tmp_path: Path, embedder):
     settings = GenerateSettings(llm=LLMSettings(backend="extractive"), max_answer_tokens=200)
-    answerer = Answerer.from_settings(settings, tmp_path)
+    answerer = Answerer.from_settings(settings, tmp_path, embedder)
     assert answerer.llm is None and answerer.max_answer_tokens == 200
-    assert answerer.answer(QUESTION, HITS).model == "extractive"
+    answer = answerer.answer(QUESTION, HITS)
+    assert answer.model == "extractive" and answer.claims and answer.supported_share == 1.0 and answer.grounded
+
+
+def checking(url: str) -> Answerer:
+    return Answerer(llm(url), verifier=Verifier(LexicalScorer(), threshold=0.53), abstain=True)
+
+
+def test_a_wrong_citation_is_replaced_by_the_passage_that_supports_the_claim(server):
+    server.script(Stream(["The server listens on port 8000 by default [3]. ", "Set RAGLINE_SERVE__PORT to change it."]))
+    answer = checking(server.url).answer(QUESTION, HITS)
+    assert answer.text == "The server listens on port 8000 by default [1]. Set RAGLINE_SERVE__PORT to change it [2]."
+    assert [c.n for c in answer.citations] == [1, 2] and answer.grounded and answer.supported_share == 1.0
+    first, second = answer.claims
+    assert answer.text[first.start : first.end] == first.text
+    (span,) = first.citations
+    assert HITS[0].chunk.text[span.start : span.end] == span.text == "The server listens on port 8000 by default."
+    assert answer.to_dict()["claims"][1]["citations"][0]["n"] == 2
+
+
+def test_a_draft_no_passage_supports_is_withheld(server):
+    server.script(Stream(["Lyon has about half a million inhabitants [1]."]))
+    answer = checking(server.url).answer(QUESTION, HITS)
+    assert answer.abstained and answer.text == NO_ANSWER and answer.citations == [] and not answer.grounded
+    assert "withheld" in answer.note and answer.hits == HITS  # the closest passages stay listed
 
 
 def test_a_failing_cheap_model_hands_the_question_to_the_strong_one(server):
@@ -178,9 +203,10 @@ def test_a_cheap_model_that_cannot_be_built_leaves_the_strong_one_answering(serv
         llm=LLMSettings(backend="openai", model="strong-model", base_url=server.url),
         cheap_llm=LLMSettings(backend="llama-cpp", model="no-such-model"),
         router={"enabled": True, "model_path": tmp_path / "router.joblib"},
+        verify={"method": "lexical"},
     )
     answerer = Answerer.from_settings(settings, tmp_path)
-    server.script(Stream(["Port 8000 [1]."]))
+    server.script(Stream(["The server listens on port 8000 [1]."]))
     answer = answerer.answer("What is the default port?", HITS)
     assert answer.model == "strong-model" and answer.grounded
     assert "the cheap model could not be loaded" in answer.note and "no-such-model" in answer.note

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from scripted_llm_server import Reply, ScriptedLLMServer, Stream, free_port, serve_in_thread, wait_until_ready
 
 from ragline.app import Ragline
+from ragline.generate.prompt import NO_ANSWER
 from ragline.cli import run
 from ragline.config import LLMSettings, Settings
 from ragline.generate.openai_compat import OpenAICompatLLM
@@ -62,11 +63,21 @@ def test_ask_streams_status_tokens_then_a_cited_answer(index_dir, embedder, llm_
     assert "https://ragline.dev/deploy#docker" in prompt and "port 8000" in prompt
 
 
-def test_answer_citing_a_passage_it_was_not_given_is_not_grounded(index_dir, embedder, llm_server):
+def test_a_citation_of_a_passage_it_was_not_given_is_replaced_by_the_one_that_supports_the_claim(
+    index_dir, embedder, llm_server
+):
     llm_server.script(Stream(["Port 8000 [7]."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
     *_, answer = app.ask(QUESTION, k=2)
-    assert answer["grounded"] is False
+    assert answer["answer"] == "Port 8000 [1]." and [c["n"] for c in answer["citations"]] == [1]
+    assert answer["grounded"] and "port 8000" in answer["claims"][0]["citations"][0]["text"]
+
+
+def test_an_answer_the_passages_do_not_support_is_withheld(index_dir, embedder, llm_server):
+    llm_server.script(Stream(["The office cat is called Turing [1]."]))
+    app = components(index_dir, embedder, llm=openai_llm(llm_server))
+    *_, answer = app.ask(QUESTION, k=2)
+    assert answer["abstained"] and answer["answer"] == NO_ANSWER and not answer["grounded"] and answer["hits"]
 
 
 def test_a_down_llm_still_gives_cited_passages_and_a_note(index_dir, embedder):
@@ -113,7 +124,7 @@ def test_cli_ask_prints_an_extracted_answer(index_dir, monkeypatch, capsys):
     monkeypatch.setenv("RAGLINE_GENERATE__LLM__BACKEND", "extractive")
     assert run(["ask", QUESTION, "-k", "2"]) == 0
     shown = capsys.readouterr().out
-    assert "listens on port 8000 by default. [1]" in shown and "[1] Docker — https://ragline.dev/deploy#docker" in shown
+    assert "listens on port 8000 by default [1]." in shown and "[1] Docker — https://ragline.dev/deploy#docker" in shown
 
 
 def test_api_query_and_stream(index_dir, embedder, llm_server):
@@ -163,3 +174,12 @@ def test_a_model_that_cannot_load_degrades_to_extraction_with_a_note(index_dir, 
     *_, answer = app.ask(QUESTION, k=2)
     assert "no LLM could be loaded" in answer["note"] and "no-such-model" in answer["note"]
     assert "port 8000" in answer["answer"] and answer["citations"]
+
+
+def test_cli_ask_quotes_the_sentence_that_supports_each_citation(index_dir, monkeypatch, capsys):
+    monkeypatch.setenv("RAGLINE_DATA_DIR", str(index_dir))
+    monkeypatch.setenv("RAGLINE_GENERATE__LLM__BACKEND", "extractive")
+    assert run(["ask", QUESTION, "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cited = lines.index("[1] Docker — https://ragline.dev/deploy#docker")
+    assert lines[cited + 1].strip().startswith("“") and "port 8000" in lines[cited + 1]

@@ -78,7 +78,7 @@ class Ragline:
 
     @cached_property
     def answerer(self) -> Answerer:
-        return Answerer.from_settings(self.settings.generate, self.settings.data_dir)
+        return Answerer.from_settings(self.settings.generate, self.settings.data_dir, self.embedder)
 
     def indexer(self, progress: Progress | None = None, wait_s: float | None = None) -> Indexer:
         """The indexer of this index; `wait_s` queues behind a running ingest for up to that long."""

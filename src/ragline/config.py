@@ -262,6 +262,10 @@ class VerifySettings(_Strict):
         default=0.8, ge=0, le=1, description="share of claims that must be supported for the answer to be grounded"
     )
     window: int = Field(default=2, ge=1, le=5, description="up to this many consecutive passage sentences form a span")
+    abstain: bool = Field(
+        default=True,
+        description="answer that the documents do not contain the answer when no claim of the draft is supported",
+    )
     model: str | None = Field(default=None, description="cross-encoder: the local model folder")
 
     @model_validator(mode="after")

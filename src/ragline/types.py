@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -100,6 +100,44 @@ class Citation:
     source: str
 
 
+@dataclass(frozen=True, slots=True)
+class SupportingSpan:
+    """A citation of a claim: passage `n` and the sentence(s) of its `chunk.text` that support the claim."""
+
+    n: int
+    text: str
+    start: int
+    end: int
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "score": round(self.score, 4)}
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedClaim:
+    """A claim of the rewritten answer (`text == answer[start:end]`, citation markers included)."""
+
+    text: str
+    start: int
+    end: int
+    kind: str
+    supported: bool
+    score: float
+    citations: list[SupportingSpan] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "start": self.start,
+            "end": self.end,
+            "kind": self.kind,
+            "supported": self.supported,
+            "score": round(self.score, 4),
+            "citations": [c.to_dict() for c in self.citations],
+        }
+
+
 @dataclass(slots=True)
 class Answer:
     """A generated (or extracted) answer with the evidence behind it."""
@@ -112,6 +150,12 @@ class Answer:
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    claims: list[CheckedClaim] = field(default_factory=list)
+    """Each claim of `text` with the passage sentences that support it (`generate.verify`), when checked."""
+    supported_share: float | None = None
+    """Share of the claims a passage supports; None when the answer was not checked."""
+    abstained: bool = False
+    """The draft answer was replaced by "not in the documents": none of its claims was supported."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,5 +166,8 @@ class Answer:
             "usage": self.usage,
             "timings": {key: round(value, 1) for key, value in self.timings.items()},
             "grounded": self.grounded,
+            "supported_share": None if self.supported_share is None else round(self.supported_share, 4),
+            "abstained": self.abstained,
+            "claims": [claim.to_dict() for claim in self.claims],
             "note": self.note,
         }

@@ -215,16 +215,41 @@ def _print_answer(answer: dict, already_shown: bool) -> None:
     if not already_shown:
         out.print(answer["answer"], markup=False, highlight=False, soft_wrap=True)
     out.print()
+    quotes = _supporting_sentences(answer)
     for citation in answer["citations"]:
         out.print(f"[bold][{citation['n']}][/bold] {escape(citation['title'])} — [cyan]{escape(citation['url'])}[/cyan]")
-    if not answer["grounded"]:
-        err.print("[yellow]this answer cites no passage it was given: treat it with care[/yellow]")
+        if citation["n"] in quotes:
+            out.print(f"    [dim]“{escape(quotes[citation['n']])}”[/dim]")
+    if answer.get("abstained"):
+        err.print("[yellow]the closest passages, none of which supported the draft answer:[/yellow]")
+        for hit in answer["hits"]:
+            err.print(f"  {escape(hit['title'])} — [cyan]{escape(hit['url'])}[/cyan]")
+    elif not answer["grounded"]:
+        claims = answer.get("claims") or []
+        unsupported = sum(not claim["supported"] for claim in claims)
+        err.print(
+            f"[yellow]{unsupported} of {len(claims)} claims are not supported by the passages: treat them with care[/yellow]"
+            if claims else "[yellow]this answer cites no passage it was given: treat it with care[/yellow]"
+        )
     usage, timings = answer["usage"], answer["timings"]
     err.print(
         f"[dim]{answer['model']} · {usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens · "
         + " · ".join(f"{key} {value:.0f}" for key, value in timings.items())
         + "[/dim]"
     )
+
+
+QUOTE_CHARS = 240
+
+
+def _supporting_sentences(answer: dict) -> dict[int, str]:
+    """For each cited passage, the first passage sentence found to support a claim (shortened to print)."""
+    quotes: dict[int, str] = {}
+    for claim in answer.get("claims") or []:
+        for span in claim["citations"]:
+            text = " ".join(span["text"].split())
+            quotes.setdefault(span["n"], text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 1] + "…")
+    return quotes
 
 
 @router_cli.command("train")

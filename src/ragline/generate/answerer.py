@@ -24,12 +24,18 @@ from anyio import to_thread
 from ragline import registry
 from ragline.generate.base import LLM, LLMError, Usage
 from ragline.generate.extractive import ExtractiveAnswerer
-from ragline.generate.prompt import NO_ANSWER, Prompt, build_prompt, check_citations
+from ragline.generate.prompt import NO_ANSWER, Prompt, build_prompt, check_citations, citation
+from ragline.generate.verify import Verifier
 from ragline.config import GenerateSettings, LLMSettings
 from ragline.types import Answer, Hit
 
 if TYPE_CHECKING:
+    from ragline.embed.base import Embedder
     from ragline.generate.router import Router
+
+ABSTAINED = (
+    "no sentence of the draft answer is supported by the passages, so it was withheld; the closest passages are listed"
+)
 
 AnswerEvent = str | Answer
 """A piece of answer text, or the final `Answer`, which is always the last event."""
@@ -65,7 +71,7 @@ class _Turn:
     def start(self) -> Answer | None:
         """Build the prompt; return the final answer instead when there is nothing to ask a model."""
         if self.llm is None:
-            answer = self.answerer.extractive.answer(self.question, self.hits)
+            answer = self.answerer.verified(self.answerer.extractive.answer(self.question, self.hits))
             if self.answerer.unavailable:
                 answer.note = f"no LLM could be loaded, so this answer was extracted from the documents: {self.answerer.unavailable}"
             return self._timed(answer)
@@ -101,7 +107,7 @@ class _Turn:
         text = "".join(self.pieces).strip()
         citations, grounded = check_citations(text, self.prompt.hits)
         answer = Answer(text, citations, self.prompt.hits, self.llm.name, grounded, usage=usage.as_dict())
-        return self._timed(answer)
+        return self._timed(self.answerer.verified(answer))
 
     def failed(self, error: LLMError) -> Answer | None:
         """After a model failure: a cheap model that wrote nothing yet hands over to the strong one
@@ -116,7 +122,7 @@ class _Turn:
 
     def fall_back(self, error: LLMError) -> Answer:
         assert self.llm is not None
-        answer = self.answerer.extractive.answer(self.question, self.hits)
+        answer = self.answerer.verified(self.answerer.extractive.answer(self.question, self.hits))
         answer.note = f"the LLM {self.llm.name} failed, so this answer was extracted from the documents: {error}"
         return self._timed(answer)
 
@@ -148,6 +154,8 @@ class Answerer:
         temperature: float = 0.1,
         unavailable: str = "",
         cheap_unavailable: str = "",
+        verifier: Verifier | None = None,
+        abstain: bool = False,
     ):
         if (cheap_llm is None) != (router is None):
             raise ValueError("a cheap model and a router go together: give both or neither")
@@ -162,10 +170,14 @@ class Answerer:
         """Why the configured LLM could not be built, when answers are extracted instead."""
         self.cheap_unavailable = cheap_unavailable
         """Why the cheap model could not be built, when the strong one answers everything."""
+        self.verifier = verifier
+        """Checks every answer claim by claim and rewrites its citations; None: citations are only numbered."""
+        self.abstain = abstain
 
     @classmethod
-    def from_settings(cls, settings: GenerateSettings, data_dir: Path) -> Answerer:
-        """Build from the config; a model that cannot be loaded degrades to extraction, with a note."""
+    def from_settings(cls, settings: GenerateSettings, data_dir: Path, embedder: Embedder | None = None) -> Answerer:
+        """Build from the config; a model that cannot be loaded degrades to extraction, with a note.
+        `embedder` (the index's model) serves the verifier's embedding scores."""
         try:
             llm, unavailable = build_llm(settings.llm, data_dir), ""
         except LLMError as exc:
@@ -193,7 +205,23 @@ class Answerer:
             temperature=settings.temperature,
             unavailable=unavailable,
             cheap_unavailable=cheap_unavailable,
+            verifier=Verifier.from_settings(settings.verify, embedder) if settings.verify.enabled else None,
+            abstain=settings.verify.abstain,
         )
+
+    def verified(self, answer: Answer) -> Answer:
+        """The answer checked claim by claim against its passages, its citations rewritten to the supporting
+        ones; withheld (abstained) when `abstain` is on and no claim is supported."""
+        if self.verifier is None:
+            return answer
+        check = self.verifier.verify(answer.text, answer.hits)
+        answer.text, answer.claims, answer.supported_share = check.text, check.claims, check.supported_share
+        answer.citations = [citation(n, answer.hits[n - 1]) for n in check.cited]
+        answer.grounded = check.grounded
+        if self.abstain and check.claims and not any(claim.supported for claim in check.claims):
+            answer.text, answer.citations, answer.claims, answer.abstained = NO_ANSWER, [], [], True
+            answer.note = "; ".join(note for note in (answer.note, ABSTAINED) if note)
+        return answer
 
     def load(self) -> None:
         """Load every model now (servers call this at startup, in a worker thread).

@@ -28,7 +28,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -37,7 +37,7 @@ import numpy as np
 from ragline.config import VerifySettings
 from ragline.generate.prompt import CITATION_RUN, CODE_SPAN
 from ragline.store.keywords import STOP_WORDS, terms
-from ragline.types import Chunk, Hit
+from ragline.types import CheckedClaim, Chunk, Hit, SupportingSpan
 
 if TYPE_CHECKING:
     from ragline.embed.base import Embedder
@@ -308,44 +308,6 @@ class CombinedScorer:
 
 
 # --- verification ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SupportingSpan:
-    """A citation of a claim: passage `n` and the sentence(s) of its `chunk.text` that support the claim."""
-
-    n: int
-    text: str
-    start: int
-    end: int
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "score": round(self.score, 4)}
-
-
-@dataclass(frozen=True, slots=True)
-class CheckedClaim:
-    """A claim of the rewritten answer (`text == answer[start:end]`, citation markers included)."""
-
-    text: str
-    start: int
-    end: int
-    kind: str
-    supported: bool
-    score: float
-    citations: list[SupportingSpan] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "start": self.start,
-            "end": self.end,
-            "kind": self.kind,
-            "supported": self.supported,
-            "score": round(self.score, 4),
-            "citations": [c.to_dict() for c in self.citations],
-        }
 
 
 @dataclass(frozen=True, slots=True)
