@@ -488,7 +488,7 @@ class LocalStore:
         params: list = [HEADING_WEIGHT, match]
         if wanted:
             filter_sql, filter_params = _filter_sql(wanted)
-            where += f" AND rowid IN ({filter_sql})"
+            where += f" AND +rowid IN ({filter_sql})"  # unary +: MATCH drives, the filter only checks
             params += filter_params
         rows = db.execute(
             f"SELECT rowid, -bm25(chunks_fts, ?, 1.0) AS score FROM chunks_fts WHERE {where} "
