@@ -160,8 +160,10 @@ def test_answers_are_graded_malformed_verdicts_unscored_and_a_rerun_resumes(tmp_
         {"question": "how are logs written?"},
     ]
     with ScriptedLLMServer(fallback=answer_reply) as answers, ScriptedLLMServer(fallback=judge_reply) as judges:
-        settings = Settings(data_dir=index, generate={"llm": LLMSettings(backend="openai", model="answer-model",
-                                                                         base_url=answers.url)})
+        settings = Settings(data_dir=index, generate={  # the judge grades the model's own claims: no rewriting
+            "llm": LLMSettings(backend="openai", model="answer-model", base_url=answers.url),
+            "verify": {"enabled": False},
+        })
         app = Ragline(settings)
         app.__dict__["embedder"] = embedder
         judge = Judge(OpenAICompatLLM("judge-model", base_url=judges.url, max_tries=1))

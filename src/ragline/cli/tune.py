@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ragline.app import Ragline
 from ragline.cli.common import State, err, out
@@ -87,17 +86,14 @@ def tune_command(
 
 
 def _print_report(report: TuneReport, out, err) -> None:  # type: ignore[no-untyped-def]
-    table = Table(title="ragline tune: page hit@5 / MRR@10 (anchor hit@5), before → after")
-    for column in ("question set", "questions", "before", "after"):
-        table.add_column(column, overflow="fold")
-    for name, result in report.before.items():
+    out.print("ragline tune: page hit@5 / MRR@10 (anchor hit@5), before → after")  # lines, not a table: narrow
+    for name, result in report.before.items():  # terminals must not cut a figure
         before, after = figures(result), figures(report.after[name])
-        table.add_row(
-            name, str(before["questions"]),
-            f"{before['hit@5']:.3f} / {before['mrr']:.3f} ({before['anchor hit@5']:.3f})",
-            f"{after['hit@5']:.3f} / {after['mrr']:.3f} ({after['anchor hit@5']:.3f})",
+        out.print(
+            f"  {escape(name)} ({before['questions']} questions): "
+            f"{before['hit@5']:.3f} / {before['mrr']:.3f} ({before['anchor hit@5']:.3f}) → "
+            f"{after['hit@5']:.3f} / {after['mrr']:.3f} ({after['anchor hit@5']:.3f})"
         )
-    out.print(table)
     out.print(
         f"pairs: {report.pairs['synthetic']} synthetic, {report.pairs['headings']} heading; "
         f"{report.training_examples} training examples, {report.steps} steps; "
