@@ -84,7 +84,7 @@ def collect(args: argparse.Namespace) -> None:
         for question in questions:
             if question in done:
                 continue
-            *_, answer = app.ask(question)
+            answer = app.answer(question).to_dict()
             record = {
                 "question": question,
                 "answer": answer["answer"],

@@ -9,12 +9,13 @@ import pytest
 from scripted_llm_server import Reply, ScriptedLLMServer, Stream, completion, free_port, make_hit
 
 from ragline.generate.answerer import Answerer
+from ragline.generate.context import ContextSelector
 from ragline.generate.openai_compat import OpenAICompatLLM
 from ragline.generate.prompt import NO_ANSWER
 from ragline.generate.router import Router
 from ragline.generate.verify import LexicalScorer, Verifier
 from ragline.config import GenerateSettings, LLMSettings
-from ragline.types import Answer
+from ragline.types import Answer, AnswerEvent, ClaimEvent, TokenEvent
 
 QUESTION = "Which port does the server listen on?"
 HITS = [
@@ -40,9 +41,9 @@ def test_streamed_answer_yields_pieces_then_a_grounded_answer(server):
     server.script(Stream(pieces, usage={"prompt_tokens": 120, "completion_tokens": 20}))
     events = list(Answerer(llm(server.url)).stream(QUESTION, HITS))
 
-    assert events[:-1] == pieces
-    answer = events[-1]
-    assert isinstance(answer, Answer)
+    assert events[:-1] == [TokenEvent(piece) for piece in pieces]
+    assert isinstance(events[-1], AnswerEvent)
+    answer = events[-1].answer
     assert answer.text == "".join(pieces)
     assert answer.grounded and [c.n for c in answer.citations] == [1, 2]
     assert answer.citations[0].url == "https://docs.example.org/page1.html#section-1"
@@ -51,7 +52,7 @@ def test_streamed_answer_yields_pieces_then_a_grounded_answer(server):
     assert 0 < answer.timings["ttft_ms"] <= answer.timings["generate_ms"]
 
     user = server.received[0].body["messages"][-1]["content"]
-    assert "[1] Serving — https://docs.example.org/page1.html#section-1\nThe server listens" in user
+    assert "[1] Serving\nThe server listens" in user
     assert f"Question: {QUESTION}\n\n" in user and user.endswith(NO_ANSWER)  # the rules come last
 
 
@@ -63,20 +64,21 @@ def test_an_answer_citing_a_passage_it_was_not_shown_is_not_grounded(server):
 
 def test_only_the_passages_that_fit_are_sent_and_returned(server):
     server.script(Stream(["Port 8000 [1]."]))
-    small = llm(server.url, context_window=1600)
+    small = llm(server.url, context_window=1200)
     long_hits = [make_hit(n, f"Passage {n} says a lot about ports. " * 25) for n in (1, 2, 3)]
     answer = Answerer(small).answer(QUESTION, long_hits)
     user = server.received[0].body["messages"][-1]["content"]
     assert "[1] Page 1" in user and "[2] Page 2" not in user
     assert answer.hits == long_hits[:1]
-    assert server.received[0].body["max_tokens"] <= 1600 - small.count_tokens(user)
+    assert server.received[0].body["max_tokens"] <= 1200 - small.count_tokens(user)
 
 
 def test_falls_back_to_extraction_when_the_server_is_down():
     down = llm(f"http://127.0.0.1:{free_port()}/v1", max_tries=3)
     events = list(Answerer(down).stream(QUESTION, HITS))
 
-    (answer,) = events
+    (final,) = events
+    answer = final.answer
     assert answer.model == "extractive"
     assert answer.text.startswith("The server listens on port 8000 by default. [1]")
     assert answer.grounded
@@ -87,8 +89,8 @@ def test_falls_back_to_extraction_when_the_server_is_down():
 def test_a_stream_breaking_midway_ends_in_the_extractive_answer(server):
     server.script(Stream(["The server", " listens", " on"], break_after=2))
     events = list(Answerer(llm(server.url)).stream(QUESTION, HITS))
-    assert events[:2] == ["The server", " listens"]
-    assert events[-1].model == "extractive" and "broke after 2 pieces" in events[-1].note
+    assert events[:2] == [TokenEvent("The server"), TokenEvent(" listens")]
+    assert events[-1].answer.model == "extractive" and "broke after 2 pieces" in events[-1].answer.note
     assert len(server.received) == 1
 
 
@@ -116,7 +118,7 @@ def test_async_answers_match_sync_ones(server):
     async def scenario():
         server.script(Stream(["Port", " 8000 [1]."]))
         events = [event async for event in Answerer(llm(server.url)).astream(QUESTION, HITS)]
-        assert events[:2] == ["Port", " 8000 [1]."] and events[-1].grounded
+        assert events[:2] == [TokenEvent("Port"), TokenEvent(" 8000 [1].")] and events[-1].answer.grounded
 
         server.script(Reply(200, completion("unused")))
         down = llm(f"http://127.0.0.1:{free_port()}/v1")
@@ -210,3 +212,45 @@ def test_a_cheap_model_that_cannot_be_built_leaves_the_strong_one_answering(serv
     answer = answerer.answer("What is the default port?", HITS)
     assert answer.model == "strong-model" and answer.grounded
     assert "the cheap model could not be loaded" in answer.note and "no-such-model" in answer.note
+
+
+def test_claims_are_checked_while_the_answer_streams_sync_and_async(server):
+    pieces = ["The server listens on port 8000 by default [3]. ", "Set RAGLINE_SERVE__PORT ", "to change it [2]."]
+    server.script(Stream(pieces), Stream(pieces))
+    events = list(checking(server.url).stream(QUESTION, HITS))
+
+    async def scenario() -> list:
+        return [event async for event in checking(server.url).astream(QUESTION, HITS)]
+
+    assert [type(e).__name__ for e in events] == ["TokenEvent", "TokenEvent", "ClaimEvent", "TokenEvent", "ClaimEvent", "AnswerEvent"]
+    async_events = asyncio.run(scenario())
+    answer = events[-1].answer
+    assert async_events[:-1] == events[:-1] and async_events[-1].answer.claims == answer.claims
+    claims = [event for event in events if isinstance(event, ClaimEvent)]
+    assert [(c.index, c.claim) for c in claims] == list(enumerate(answer.claims))
+    assert claims[0].claim.text == "The server listens on port 8000 by default [1]."  # rewritten before the end
+
+
+def test_no_relevant_passage_means_no_draft_and_no_model_call(server):
+    server.script()
+    selector = ContextSelector(LexicalScorer(), None)
+    answerer = Answerer(llm(server.url), selector=selector, min_relevance=0.3, abstain=True)
+    answer = answerer.answer("What is the population of Lyon?", HITS)
+    assert answer.abstained and answer.text == NO_ANSWER and answer.hits == HITS
+    assert "below generate.verify.min_relevance 0.3" in answer.note and server.received == []
+    server.script(Stream(["Port 8000 [1]."]))
+    assert not answerer.answer(QUESTION, HITS).abstained and len(server.received) == 1
+
+
+def test_with_a_context_budget_the_model_reads_the_relevant_sentences(server):
+    long_hits = [
+        make_hit(1, "Ragline is a RAG platform. The server listens on port 8000 by default. It logs to stderr."),
+        make_hit(2, "Chunks overlap by 32 tokens. Set RAGLINE_SERVE__PORT to change the port the server listens on."),
+    ]
+    server.script(Stream(["Port 8000 [1]."]))
+    answerer = Answerer(llm(server.url), selector=ContextSelector(LexicalScorer(), 32))
+    answer = answerer.answer(QUESTION, long_hits)
+    user = server.received[0].body["messages"][-1]["content"]
+    assert "… The server listens on port 8000 by default. …" in user and "Set RAGLINE_SERVE__PORT" in user
+    assert "It logs to stderr" not in user and "Chunks overlap" not in user
+    assert answer.hits == long_hits and answer.citations[0].n == 1

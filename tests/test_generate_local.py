@@ -223,7 +223,7 @@ def grounded_messages(question: str) -> list[dict[str, str]]:
     """The real answer prompt: rules and worked examples (the fixed start), then passages and the question."""
     from ragline.generate.prompt import FEW_SHOT, SYSTEM_PROMPT, _user_message
 
-    passages = ["[1] Configuration — https://example.org/config#port\nThe server listens on port 8000 by default."]
+    passages = ["[1] Configuration > Port\nThe server listens on port 8000 by default."]
     return [{"role": "system", "content": SYSTEM_PROMPT}, *FEW_SHOT, {"role": "user", "content": _user_message(passages, question)}]
 
 

@@ -50,7 +50,7 @@ def openai_llm(server: ScriptedLLMServer, model: str = "served-model", **overrid
 def test_ask_streams_status_tokens_then_a_cited_answer(index_dir, embedder, llm_server):
     llm_server.script(Stream(["The image listens ", "on port 8000 [1]."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
-    events = list(app.ask(QUESTION, k=2))
+    events = [event.to_dict() for event in app.ask(QUESTION, k=2)]
     assert [e["stage"] for e in events if e["type"] == "status"] == ["retrieve", "generate"]
     assert [e["text"] for e in events if e["type"] == "token"] == ["The image listens ", "on port 8000 [1]."]
     answer = events[-1]
@@ -60,7 +60,22 @@ def test_ask_streams_status_tokens_then_a_cited_answer(index_dir, embedder, llm_
     ]
     assert {"embed_ms", "search_ms", "generate_ms", "ttft_ms"} <= set(answer["timings"])
     prompt = llm_server.received[0].body["messages"][-1]["content"]
-    assert "https://ragline.dev/deploy#docker" in prompt and "port 8000" in prompt
+    assert "[1] Deploying > Docker\nThe Docker image listens on port 8000" in prompt
+
+
+def test_each_claim_is_checked_and_sent_as_soon_as_the_next_one_begins(index_dir, embedder, llm_server):
+    llm_server.script(Stream([" The image listens on port 8000 [1]. ", "Set RAGLINE_SERVE__PORT ", "to change it [2]. ", "It runs on Mars."]))
+    app = components(index_dir, embedder, llm=openai_llm(llm_server))
+    events = [event.to_dict() for event in app.ask(QUESTION, k=2)]
+    kinds = [e["type"] for e in events]
+    assert kinds == ["status", "status", "token", "token", "claim", "token", "token", "claim", "claim", "answer"]
+    claims, answer = [e for e in events if e["type"] == "claim"], events[-1]
+    assert [c["index"] for c in claims] == [0, 1, 2]
+    assert [c["supported"] for c in claims] == [True, True, False]
+    assert [{key: c[key] for key in c if key not in ("type", "index")} for c in claims] == answer["claims"]
+    for claim in claims:  # offsets into the final (rewritten) answer, as sent before it was complete
+        assert answer["answer"][claim["start"] : claim["end"]] == claim["text"]
+    assert "[2]" not in answer["answer"] and claims[1]["citations"][0]["n"] == 1
 
 
 def test_a_citation_of_a_passage_it_was_not_given_is_replaced_by_the_one_that_supports_the_claim(
@@ -68,7 +83,7 @@ def test_a_citation_of_a_passage_it_was_not_given_is_replaced_by_the_one_that_su
 ):
     llm_server.script(Stream(["Port 8000 [7]."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
-    *_, answer = app.ask(QUESTION, k=2)
+    answer = app.answer(QUESTION, k=2).to_dict()
     assert answer["answer"] == "Port 8000 [1]." and [c["n"] for c in answer["citations"]] == [1]
     assert answer["grounded"] and "port 8000" in answer["claims"][0]["citations"][0]["text"]
 
@@ -76,13 +91,13 @@ def test_a_citation_of_a_passage_it_was_not_given_is_replaced_by_the_one_that_su
 def test_an_answer_the_passages_do_not_support_is_withheld(index_dir, embedder, llm_server):
     llm_server.script(Stream(["The office cat is called Turing [1]."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
-    *_, answer = app.ask(QUESTION, k=2)
+    answer = app.answer(QUESTION, k=2).to_dict()
     assert answer["abstained"] and answer["answer"] == NO_ANSWER and not answer["grounded"] and answer["hits"]
 
 
 def test_a_down_llm_still_gives_cited_passages_and_a_note(index_dir, embedder):
     app = components(index_dir, embedder, llm=openai_llm_at(f"http://127.0.0.1:{free_port()}/v1", max_tries=2))
-    *_, answer = app.ask(QUESTION, k=2)
+    answer = app.answer(QUESTION, k=2).to_dict()
     assert "failed after 2 tries: cannot connect" in answer["note"] and "port 8000" in answer["answer"]
     assert answer["citations"][0]["url"] == "https://ragline.dev/deploy#docker"
 
@@ -98,8 +113,8 @@ def test_routing_picks_the_cheap_model_for_lookups(index_dir, embedder, llm_serv
         router={"enabled": True, "model_path": str(tmp_path / "router.joblib")},
     )
     llm_server.script(Stream(["Port 8000 [1]."]), Stream(["Because [1]."]))
-    *_, cheap = app.ask("What is the default port?", k=1)
-    *_, strong = app.ask("Compare Docker and Kubernetes deployments and explain step by step which to choose", k=2)
+    cheap = app.answer("What is the default port?", k=1).to_dict()
+    strong = app.answer("Compare Docker and Kubernetes deployments and explain step by step which to choose", k=2).to_dict()
     assert (cheap["model"], strong["model"]) == ("cheap-model", "strong-model")
     assert [r.body["model"] for r in llm_server.received] == ["cheap-model", "strong-model"]
 
@@ -138,7 +153,7 @@ def test_api_query_and_stream(index_dir, embedder, llm_server):
         with client.stream("POST", "/v1/query/stream", json={"query": QUESTION, "k": 2}) as response:
             assert response.headers["content-type"].startswith("application/x-ndjson")
             events = [json.loads(line) for line in response.iter_lines() if line]
-        assert [e["type"] for e in events] == ["status", "status", "token", "token", "answer"]
+        assert [e["type"] for e in events] == ["status", "status", "token", "token", "claim", "answer"]
         assert events[-1]["citations"][0]["url"] == "https://ragline.dev/deploy#docker"
         rejected = client.post("/v1/query/stream", json={"query": "x", "filters": {"f": {"$lt": 1}}})
         assert rejected.status_code == 422 and "known fields" in rejected.json()["message"]
@@ -171,7 +186,7 @@ def test_llm_server_speaks_the_openai_protocol(llm_server):
 
 def test_a_model_that_cannot_load_degrades_to_extraction_with_a_note(index_dir, embedder):
     app = components(index_dir, embedder, llm={"backend": "llama-cpp", "model": "no-such-model"})
-    *_, answer = app.ask(QUESTION, k=2)
+    answer = app.answer(QUESTION, k=2).to_dict()
     assert "no LLM could be loaded" in answer["note"] and "no-such-model" in answer["note"]
     assert "port 8000" in answer["answer"] and answer["citations"]
 

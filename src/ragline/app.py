@@ -10,24 +10,20 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import cached_property
-from typing import Any
 
 from anyio import to_thread
 
 from ragline import registry
 from ragline.config import RerankSettings, RetrieveSettings, Settings
 from ragline.embed.base import Embedder
-from ragline.generate.answerer import Answerer, AnswerEvent
+from ragline.generate.answerer import Answerer
 from ragline.generate.base import LLM
 from ragline.ingest.chunker import Chunker
 from ragline.pipeline import Indexer, Progress
 from ragline.retrieve.rerank import Reranker
 from ragline.retrieve.retriever import Message, Retrieval, Retriever
 from ragline.store.base import Filters, VectorStore
-from ragline.types import Answer
-
-QueryEvent = dict[str, Any]
-"""`{"type": "status", "stage": ...}`, `{"type": "token", "text": ...}`, then `{"type": "answer", ...}`."""
+from ragline.types import Answer, AnswerEvent, Event, StatusEvent
 
 
 class Ragline:
@@ -89,26 +85,35 @@ class Ragline:
     def ask(
         self, question: str, k: int | None = None, filters: Filters | None = None,
         options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
-    ) -> Iterator[QueryEvent]:
-        """Answer a question from the index: stage status, answer tokens, then the cited answer."""
-        yield {"type": "status", "stage": "retrieve"}
+    ) -> Iterator[Event]:
+        """Answer a question from the index: stage status, answer tokens and checked claims, then the answer."""
+        yield StatusEvent("retrieve")
         retrieval = self.retriever.search(question, k, filters, options, history)
-        yield {"type": "status", "stage": "generate", "hits": len(retrieval.hits)}
+        yield StatusEvent("generate", len(retrieval.hits))
         for event in self.answerer.stream(question, retrieval.hits):
-            yield _query_event(event, retrieval)
+            yield _with_retrieval(event, retrieval)
+
+    def answer(
+        self, question: str, k: int | None = None, filters: Filters | None = None,
+        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
+    ) -> Answer:
+        """The final answer of `ask`."""
+        *_, final = self.ask(question, k, filters, options, history)
+        assert isinstance(final, AnswerEvent)
+        return final.answer
 
     async def aask(
         self, question: str, k: int | None = None, filters: Filters | None = None,
         options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
-    ) -> AsyncIterator[QueryEvent]:
+    ) -> AsyncIterator[Event]:
         """`ask` for the event loop: building components (a model may be loaded or assembled), retrieval,
         routing and prompt building run in worker threads; generation streams asynchronously."""
-        yield {"type": "status", "stage": "retrieve"}
+        yield StatusEvent("retrieve")
         retrieval = await to_thread.run_sync(lambda: self.retriever.search(question, k, filters, options, history))
-        yield {"type": "status", "stage": "generate", "hits": len(retrieval.hits)}
+        yield StatusEvent("generate", len(retrieval.hits))
         answerer = await to_thread.run_sync(lambda: self.answerer)
         async for event in answerer.astream(question, retrieval.hits):
-            yield _query_event(event, retrieval)
+            yield _with_retrieval(event, retrieval)
 
     def close(self) -> None:
         if "store" in self.__dict__:
@@ -121,8 +126,8 @@ class Ragline:
             self._rerankers.clear()
 
 
-def _query_event(event: AnswerEvent, retrieval: Retrieval) -> QueryEvent:
-    if isinstance(event, Answer):
-        event.timings = {**retrieval.timings, **event.timings}
-        return {"type": "answer", **event.to_dict()}
-    return {"type": "token", "text": event}
+def _with_retrieval(event: Event, retrieval: Retrieval) -> Event:
+    """The event, the final answer's timings led by retrieval's."""
+    if isinstance(event, AnswerEvent):
+        event.answer.timings = {**retrieval.timings, **event.answer.timings}
+    return event

@@ -264,7 +264,15 @@ class VerifySettings(_Strict):
     window: int = Field(default=2, ge=1, le=5, description="up to this many consecutive passage sentences form a span")
     abstain: bool = Field(
         default=True,
-        description="answer that the documents do not contain the answer when no claim of the draft is supported",
+        description="answer that the documents do not contain the answer when no claim of the draft is supported, "
+        "or when no passage is relevant enough to ask the model (min_relevance)",
+    )
+    min_relevance: float | None = Field(
+        default=None,
+        ge=0,
+        description="abstain without asking the model when no passage sentence scores this much against the "
+        "question under the verify method's scorer; default: the method's measured one (none for lexical and "
+        "cross-encoder); 0: always ask",
     )
     model: str | None = Field(default=None, description="cross-encoder: the local model folder")
 
@@ -284,6 +292,12 @@ class GenerateSettings(_Strict):
     )
     max_answer_tokens: int | None = Field(default=1024, ge=1, description="cap on answer length")
     temperature: float = Field(default=0.1, ge=0, le=2)
+    context_tokens: int | None = Field(
+        default=300,
+        ge=16,
+        description="tokens of passage text the model reads: each passage keeps its sentences most relevant to the "
+        "question (fewer tokens, an earlier first token); None: whole passages, as many as fit input_fraction",
+    )
     verify: VerifySettings = Field(default_factory=VerifySettings)
 
     @model_validator(mode="after")

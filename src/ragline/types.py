@@ -171,3 +171,57 @@ class Answer:
             "claims": [claim.to_dict() for claim in self.claims],
             "note": self.note,
         }
+
+
+# --- the events of answering a question, as streamed to clients -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """A stage began: "retrieve", then "generate" with the number of passages found."""
+
+    stage: str
+    hits: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "status", "stage": self.stage, **({} if self.hits is None else {"hits": self.hits})}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """A piece of the answer text as the model writes it."""
+
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "token", "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimEvent:
+    """Claim number `index` of the answer, checked as soon as it is complete (a later claim has begun).
+
+    Its text has the citations rewritten as the final answer will have them,
+    and its offsets are into the final answer's text, unless that answer
+    replaces the streamed draft (withheld, or extracted after a model failure).
+    """
+
+    index: int
+    claim: CheckedClaim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "claim", "index": self.index, **self.claim.to_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerEvent:
+    """The final answer, always the last event; its claims and citations are the authoritative ones."""
+
+    answer: Answer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "answer", **self.answer.to_dict()}
+
+
+Event = StatusEvent | TokenEvent | ClaimEvent | AnswerEvent
+"""What `Ragline.ask` streams: status per stage, answer tokens, checked claims, then the answer."""

@@ -26,6 +26,7 @@ from ragline.pipeline import IngestError, IngestReport
 from ragline.registry import UnknownComponentError
 from ragline.retrieve.retriever import Retrieval, RetrievalError
 from ragline.store.base import StoreError
+from ragline.types import AnswerEvent, StatusEvent, TokenEvent
 
 EXIT_RUN_FAILED = 1
 EXIT_FILES_FAILED = 3
@@ -193,17 +194,17 @@ def ask(
     streamed = False
     try:
         for event in app.ask(question, k, parse_filters(filters, app.store.filter_fields()), options):
-            if event["type"] == "token" and live:
-                out.print(event["text"], end="", markup=False, highlight=False, soft_wrap=True)
+            if isinstance(event, TokenEvent) and live:
+                out.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
                 streamed = True
-            elif event["type"] == "status":
-                err.print(f"[dim]{event['stage']}…[/dim]")
-            elif event["type"] == "answer":
-                final = event
+            elif isinstance(event, StatusEvent):
+                err.print(f"[dim]{event.stage}…[/dim]")
+            elif isinstance(event, AnswerEvent):
+                final = event.answer.to_dict()
     finally:
         app.close()
     if json_output:
-        print(json.dumps({key: value for key, value in final.items() if key != "type"}))
+        print(json.dumps(final))
         return
     _print_answer(final, already_shown=streamed)
 

@@ -148,8 +148,7 @@ def evaluate_answers(
     todo, total = pending(questions, done)
     progress.start(total, total - len(todo))
     for item in todo:
-        *_, final = app.ask(item["question"], options=options)
-        record = grade(judge, item, final)
+        record = grade(judge, item, app.answer(item["question"], options=options).to_dict())
         log.append(record)
         done[question_key(item)] = record
         progress.advance()

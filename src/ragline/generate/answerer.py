@@ -3,9 +3,10 @@
 The answerer never raises for a model failure and never waits without
 bound: backends time out and give up with `LLMError`, and the answer then
 falls back to sentences extracted from the hits, with a note saying why.
-A streamed answer yields text pieces, then the final `Answer`; if the model
-broke mid-stream, that final answer (the extractive one) replaces the
-pieces shown so far. A cheap model that fails before writing anything hands
+A streamed answer yields text pieces, each claim checked against the passages
+as soon as it is complete, then the final `Answer`; if the model broke
+mid-stream, that final answer (the extractive one) replaces the pieces shown
+so far. A cheap model that fails before writing anything hands
 the question to the strong model, and only then to extraction.
 
 Routing and prompt building (token counting) block, so the async path runs
@@ -14,6 +15,7 @@ them in a worker thread: the event loop only relays pieces.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -23,11 +25,12 @@ from anyio import to_thread
 
 from ragline import registry
 from ragline.generate.base import LLM, LLMError, Usage
+from ragline.generate.context import ContextSelector
 from ragline.generate.extractive import ExtractiveAnswerer
-from ragline.generate.prompt import NO_ANSWER, Prompt, build_prompt, check_citations, citation
-from ragline.generate.verify import Verifier
+from ragline.generate.prompt import CITATION_RUN, NO_ANSWER, Prompt, build_prompt, check_citations, citation
+from ragline.generate.verify import DEFAULT_MIN_RELEVANCE, Verifier, build_scorer, split_claims
 from ragline.config import GenerateSettings, LLMSettings
-from ragline.types import Answer, Hit
+from ragline.types import Answer, AnswerEvent, ClaimEvent, Hit, TokenEvent
 
 if TYPE_CHECKING:
     from ragline.embed.base import Embedder
@@ -36,9 +39,16 @@ if TYPE_CHECKING:
 ABSTAINED = (
     "no sentence of the draft answer is supported by the passages, so it was withheld; the closest passages are listed"
 )
+NOT_RELEVANT = (
+    "no passage is relevant enough to answer from (best sentence {confidence:.2f}, below generate.verify.min_relevance "
+    "{threshold:g}), so no answer was drafted; the closest passages are listed"
+)
 
-AnswerEvent = str | Answer
-"""A piece of answer text, or the final `Answer`, which is always the last event."""
+_PARTIAL_CITATION = re.compile(r"\[[\d,\s]*$")
+"""A citation run still being written, e.g. `[1, 3`."""
+
+GenerationEvent = TokenEvent | ClaimEvent | AnswerEvent
+"""What the answerer streams: text pieces and checked claims, then the final answer (always last)."""
 
 
 def build_llm(settings: LLMSettings, data_dir: Path) -> LLM | None:
@@ -46,6 +56,11 @@ def build_llm(settings: LLMSettings, data_dir: Path) -> LLM | None:
     if settings.backend == "extractive":
         return None
     return registry.resolve("llm", settings.backend).from_settings(settings, data_dir)
+
+
+def _words(text: str) -> int:
+    """A token count for the extractive answerer, which has no tokenizer and no budget to meet."""
+    return len(text.split())
 
 
 class _Turn:
@@ -62,6 +77,9 @@ class _Turn:
         self.prompt: Prompt | None = None
         self.notes: list[str] = []
         """What went wrong on the way to the final answer, e.g. a cheap model that failed."""
+        self.claims_sent = 0
+        """Claims of the streamed draft already checked and sent as `ClaimEvent`s."""
+        self.fell_back = False
         if answerer.cheap_unavailable and self.llm is not None:
             self.notes.append(
                 f"the cheap model could not be loaded, so the strong model answers every question: "
@@ -69,24 +87,37 @@ class _Turn:
             )
 
     def start(self) -> Answer | None:
-        """Build the prompt; return the final answer instead when there is nothing to ask a model."""
+        """Select the context and build the prompt; return the final answer instead when there is nothing
+        to ask a model (no model, no passages, or none relevant enough)."""
+        answerer = self.answerer
+        threshold = answerer.min_relevance if answerer.abstain else None
+        try:
+            count_tokens = self.llm.count_tokens if self.llm is not None else _words
+            context = answerer.selector.select(self.question, self.hits, count_tokens, confidence=threshold is not None)
+        except LLMError as exc:  # e.g. a local model that cannot be loaded to count tokens
+            return self.failed(exc)
+        if threshold is not None and context.confidence is not None and context.confidence < threshold:
+            note = NOT_RELEVANT.format(confidence=context.confidence, threshold=threshold)
+            model = self.llm.name if self.llm is not None else answerer.extractive.name
+            return self._timed(Answer(NO_ANSWER, [], self.hits, model, grounded=False, note=note, abstained=True))
         if self.llm is None:
-            answer = self.answerer.verified(self.answerer.extractive.answer(self.question, self.hits))
-            if self.answerer.unavailable:
-                answer.note = f"no LLM could be loaded, so this answer was extracted from the documents: {self.answerer.unavailable}"
+            answer = answerer.verified(answerer.extractive.answer(self.question, self.hits))
+            if answerer.unavailable:
+                answer.note = f"no LLM could be loaded, so this answer was extracted from the documents: {answerer.unavailable}"
             return self._timed(answer)
         if not self.hits:
             return self._no_answer("no passages were retrieved")
         try:
             self.prompt = build_prompt(
                 self.question,
-                self.hits,
+                context.hits,
                 count_tokens=self.llm.count_tokens,
                 context_window=self.llm.context_window,
-                input_fraction=self.answerer.input_fraction,
-                max_answer_tokens=self.answerer.max_answer_tokens,
+                input_fraction=answerer.input_fraction,
+                max_answer_tokens=answerer.max_answer_tokens,
+                texts=context.texts,
             )
-        except LLMError as exc:  # e.g. a local model that cannot be loaded to count tokens
+        except LLMError as exc:
             return self.failed(exc)
         if not self.prompt.hits:
             return self._no_answer("no passage fits the model's input budget")
@@ -96,11 +127,46 @@ class _Turn:
         assert self.llm is not None
         return self._timed(Answer(NO_ANSWER, [], [], self.llm.name, grounded=False, note=note))
 
-    def add(self, piece: str) -> str:
+    def add(self, piece: str) -> TokenEvent:
         if self.first_piece_at is None:
             self.first_piece_at = time.perf_counter()
         self.pieces.append(piece)
-        return piece
+        return TokenEvent(piece)
+
+    def _complete_claims(self) -> int:
+        """How many claims of the draft are complete: all but the last, and the last too once a word
+        follows it (text after it that is not a citation run of its own)."""
+        draft = "".join(self.pieces).lstrip()
+        claims = split_claims(draft)
+        if not claims:
+            return 0
+        rest = _PARTIAL_CITATION.sub("", CITATION_RUN.sub("", draft[claims[-1].span.end :]))
+        return len(claims) if re.search(r"[^\W\d_]", rest) else len(claims) - 1
+
+    def claims_complete(self) -> bool:
+        """Whether the draft holds a complete claim not yet sent (cheap: splitting only)."""
+        if self.answerer.verifier is None or self.prompt is None:
+            return False
+        return self._complete_claims() > self.claims_sent
+
+    def checked_claims(self) -> list[ClaimEvent]:
+        """The draft's complete claims not yet sent, checked against the passages. The whole draft is
+        checked, as the final answer will be, so that the offsets match the final answer's."""
+        if not self.claims_complete():
+            return []
+        assert self.answerer.verifier is not None and self.prompt is not None
+        complete = self._complete_claims()
+        check = self.answerer.verifier.verify("".join(self.pieces).lstrip(), self.prompt.hits)
+        events = [ClaimEvent(i, check.claims[i]) for i in range(self.claims_sent, complete)]
+        self.claims_sent = complete
+        return events
+
+    def final(self, answer: Answer) -> list[ClaimEvent | AnswerEvent]:
+        """The final answer, after the claims of it not yet sent; all of them when it replaced the draft."""
+        if answer.abstained or self.fell_back:
+            self.claims_sent = 0
+        rest = [ClaimEvent(i, claim) for i, claim in enumerate(answer.claims) if i >= self.claims_sent]
+        return [*rest, AnswerEvent(answer)]
 
     def finish(self, usage: Usage) -> Answer:
         assert self.llm is not None and self.prompt is not None
@@ -122,6 +188,7 @@ class _Turn:
 
     def fall_back(self, error: LLMError) -> Answer:
         assert self.llm is not None
+        self.fell_back = True
         answer = self.answerer.verified(self.answerer.extractive.answer(self.question, self.hits))
         answer.note = f"the LLM {self.llm.name} failed, so this answer was extracted from the documents: {error}"
         return self._timed(answer)
@@ -156,6 +223,8 @@ class Answerer:
         cheap_unavailable: str = "",
         verifier: Verifier | None = None,
         abstain: bool = False,
+        selector: ContextSelector | None = None,
+        min_relevance: float | None = None,
     ):
         if (cheap_llm is None) != (router is None):
             raise ValueError("a cheap model and a router go together: give both or neither")
@@ -173,6 +242,10 @@ class Answerer:
         self.verifier = verifier
         """Checks every answer claim by claim and rewrites its citations; None: citations are only numbered."""
         self.abstain = abstain
+        self.selector = selector or ContextSelector(None, None)
+        """Picks what the model reads of the passages, and scores how relevant they are."""
+        self.min_relevance = min_relevance
+        """Abstain without asking a model below this retrieval confidence (needs a selector with a scorer)."""
 
     @classmethod
     def from_settings(cls, settings: GenerateSettings, data_dir: Path, embedder: Embedder | None = None) -> Answerer:
@@ -196,6 +269,11 @@ class Answerer:
                     router_path(settings.router, data_dir),
                     settings.router.examples or DEFAULT_EXAMPLES,
                 )
+        verify = settings.verify
+        min_relevance = DEFAULT_MIN_RELEVANCE.get(verify.method) if verify.min_relevance is None else verify.min_relevance
+        min_relevance = min_relevance or None  # 0: always ask
+        needs_scorer = verify.enabled or settings.context_tokens is not None or bool(verify.abstain and min_relevance)
+        scorer = build_scorer(verify.method, embedder=embedder, model=verify.model) if needs_scorer else None
         return cls(
             llm,
             cheap_llm=cheap_llm,
@@ -205,8 +283,10 @@ class Answerer:
             temperature=settings.temperature,
             unavailable=unavailable,
             cheap_unavailable=cheap_unavailable,
-            verifier=Verifier.from_settings(settings.verify, embedder) if settings.verify.enabled else None,
-            abstain=settings.verify.abstain,
+            verifier=Verifier.from_settings(verify, scorer=scorer) if verify.enabled else None,
+            abstain=verify.abstain,
+            selector=ContextSelector(scorer, settings.context_tokens),
+            min_relevance=min_relevance,
         )
 
     def verified(self, answer: Answer) -> Answer:
@@ -250,7 +330,7 @@ class Answerer:
         turn = _Turn(self, question, hits)
         return turn, turn.start()
 
-    def stream(self, question: str, hits: Sequence[Hit]) -> Iterator[AnswerEvent]:
+    def stream(self, question: str, hits: Sequence[Hit]) -> Iterator[GenerationEvent]:
         turn, answer = self._start(question, hits)
         while answer is None:  # again only when a cheap model failed and the strong one takes over
             assert turn.llm is not None and turn.prompt is not None
@@ -258,14 +338,17 @@ class Answerer:
             try:
                 for piece in pieces:
                     yield turn.add(piece)
+                    yield from turn.checked_claims()
                 answer = turn.finish(pieces.usage)
             except LLMError as exc:
                 answer = turn.failed(exc)
             finally:
                 pieces.close()
-        yield answer
+        yield from turn.final(answer)
 
-    async def astream(self, question: str, hits: Sequence[Hit]) -> AsyncIterator[AnswerEvent]:
+    async def astream(self, question: str, hits: Sequence[Hit]) -> AsyncIterator[GenerationEvent]:
+        """`stream` for the event loop: prompt building and claim checking (an embedding model) run in
+        worker threads."""
         turn, answer = await to_thread.run_sync(self._start, question, hits)
         while answer is None:
             assert turn.llm is not None and turn.prompt is not None
@@ -273,19 +356,23 @@ class Answerer:
             try:
                 async for piece in pieces:
                     yield turn.add(piece)
-                answer = turn.finish(pieces.usage)
+                    if turn.claims_complete():
+                        for event in await to_thread.run_sync(turn.checked_claims):
+                            yield event
+                answer = await to_thread.run_sync(turn.finish, pieces.usage)
             except LLMError as exc:
                 answer = await to_thread.run_sync(turn.failed, exc)
             finally:
                 await pieces.aclose()
-        yield answer
+        for event in turn.final(answer):
+            yield event
 
     def answer(self, question: str, hits: Sequence[Hit]) -> Answer:
         *_, final = self.stream(question, hits)
-        assert isinstance(final, Answer)
-        return final
+        assert isinstance(final, AnswerEvent)
+        return final.answer
 
     async def aanswer(self, question: str, hits: Sequence[Hit]) -> Answer:
         final = [event async for event in self.astream(question, hits)][-1]
-        assert isinstance(final, Answer)
-        return final
+        assert isinstance(final, AnswerEvent)
+        return final.answer

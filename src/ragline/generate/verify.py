@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,18 @@ def sentence_spans(text: str, start: int = 0, end: int | None = None) -> list[Sp
             spans.extend(_trimmed(text, cursor, cut))
             cursor = cut
     return spans
+
+
+def text_units(text: str) -> list[Span]:
+    """The sentences of `text`, with each fenced code block kept whole as one unit."""
+    units: list[Span] = []
+    cursor = 0
+    for fence in _FENCE.finditer(text):
+        units.extend(sentence_spans(text, cursor, fence.start()))
+        units.extend(_trimmed(text, fence.start(), fence.end()))
+        cursor = fence.end()
+    units.extend(sentence_spans(text, cursor))
+    return units
 
 
 def _trimmed(text: str, start: int, end: int) -> list[Span]:
@@ -256,17 +269,38 @@ class LexicalScorer:
 
 
 class EmbeddingScorer:
-    """Cosine similarity of claim and evidence under the embedding model (both embedded as documents)."""
+    """Cosine similarity of claim and evidence under the embedding model (both embedded as documents).
 
-    def __init__(self, embedder: Embedder) -> None:
+    Vectors are kept for the last `cache_size` texts: a streamed answer is
+    checked again as each claim completes, against the same passages.
+    """
+
+    def __init__(self, embedder: Embedder, cache_size: int = 4096) -> None:
         self.embedder = embedder
         self.name = f"embedding:{embedder.name}"
+        self.cache_size = cache_size
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def scores(self, claims: Sequence[str], evidence: Sequence[str]) -> np.ndarray:
         if not claims or not evidence:
             return np.zeros((len(claims), len(evidence)), dtype=np.float32)
-        vectors = self.embedder.embed_documents([*claims, *evidence])
+        vectors = self._embedded([*claims, *evidence])
         return vectors[: len(claims)] @ vectors[len(claims) :].T
+
+    def _embedded(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            known = {text: self._vectors[text] for text in texts if text in self._vectors}
+        missing = list(dict.fromkeys(text for text in texts if text not in known))
+        if missing:
+            known.update(zip(missing, self.embedder.embed_documents(missing), strict=True))
+        with self._lock:
+            for text in texts:
+                self._vectors[text] = known[text]
+                self._vectors.move_to_end(text)
+            while len(self._vectors) > self.cache_size:
+                self._vectors.popitem(last=False)
+        return np.stack([known[text] for text in texts])
 
 
 class CrossEncoderScorer:
@@ -376,9 +410,12 @@ class Verifier:
         self._code_scorer = LexicalScorer()
 
     @classmethod
-    def from_settings(cls, settings: VerifySettings, embedder: Embedder | None = None) -> Verifier:
-        """The configured verifier; `embedder` (the index's model) is needed by "embedding" and "combined"."""
-        scorer = build_scorer(settings.method, embedder=embedder, model=settings.model)
+    def from_settings(
+        cls, settings: VerifySettings, embedder: Embedder | None = None, scorer: SupportScorer | None = None
+    ) -> Verifier:
+        """The configured verifier; `embedder` (the index's model) is needed by "embedding" and "combined",
+        unless the `scorer` of `settings.method` is given, already built."""
+        scorer = scorer or build_scorer(settings.method, embedder=embedder, model=settings.model)
         threshold = settings.support_threshold
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[settings.method]
@@ -500,6 +537,12 @@ def _with_markers(claim: Claim, citations: Sequence[SupportingSpan]) -> str:
 DEFAULT_THRESHOLDS = {"lexical": 0.53, "embedding": 0.8, "cross-encoder": 0.5, "combined": 0.5}
 """Support threshold per method when `generate.verify.support_threshold` is unset: the best F1 on the
 labelled pairs (benchmarks/verifier.py); the cross-encoder's is its sigmoid midpoint, not measured."""
+
+DEFAULT_MIN_RELEVANCE = {"combined": 0.25, "embedding": 0.32}
+"""Retrieval confidence (best passage sentence against the question) below which the answerer abstains
+unasked, when `generate.verify.min_relevance` is unset: about 1% of the Flax dev set's answerable
+questions fall below it, and 37% of its unanswerable ones (53% on the Python samples); lexical scores
+separate them worse (27% of answerable questions at the same share caught)."""
 
 COMBINED_WEIGHTS = (0.5, 0.5)
 """Weights of the lexical and the embedding score in the "combined" method: lexical weights 0.3 to 0.5

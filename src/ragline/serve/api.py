@@ -35,6 +35,7 @@ from ragline.config import ConfigError, RetrieveSettings, Settings, retrieve_opt
 from ragline.retrieve.retriever import RetrievalError
 from ragline.serve.readiness import Admission, GenerationQueue, Readiness, Unavailable, without_host_paths
 from ragline.store.base import FilterError, StoreError, check_filters
+from ragline.types import AnswerEvent
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +263,14 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
         admission, wanted = await admitted(request)
         async with admission:
             async for event in ragline.aask(request.query, request.k, request.filters, wanted, request.turns()):
-                if event["type"] == "answer":
-                    final = {key: value for key, value in _public(event).items() if key != "type"}
+                if isinstance(event, AnswerEvent):
+                    final = _public(event.answer.to_dict())
         return {**final, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
     @api.post("/v1/query/stream")
     async def query_stream(request: SearchRequest) -> StreamingResponse:
-        """NDJSON events: `queued` when waiting for a turn, `status` per stage, `token` pieces, then the final
-        `answer` (or an `error` with `code` and `message`)."""
+        """NDJSON events: `queued` when waiting for a turn, `status` per stage, `token` pieces, each `claim`
+        checked as soon as it is complete, then the final `answer` (or an `error` with `code` and `message`)."""
         admission, wanted = await admitted(request)
 
         async def lines() -> AsyncGenerator[str, None]:
@@ -278,7 +279,7 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
                     yield json.dumps({"type": "status", "stage": "queued"}) + "\n"
                 async with admission:
                     async for event in ragline.aask(request.query, request.k, request.filters, wanted, request.turns()):
-                        yield json.dumps(_public(event)) + "\n"
+                        yield json.dumps(_public(event.to_dict())) + "\n"
             except (RetrievalError, StoreError) as exc:
                 yield json.dumps(_error_event("index_unavailable", str(exc))) + "\n"
             except Exception as exc:  # the status line has gone out: report in the stream, log the rest
