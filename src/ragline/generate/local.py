@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 _COPY_BLOCK = 8 << 20
+REPEAT_PENALTY = 1.1
+"""llama.cpp's classic default (llama-cpp-python's chat call uses 1.0): without it the 1.5B model can loop,
+repeating one sentence until max_tokens (seen on the quickstart question at temperature 0.1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +300,7 @@ class LlamaCppLLM:
                     messages=messages,  # type: ignore[arg-type]  # llama_cpp wants its TypedDicts
                     max_tokens=max_tokens,
                     temperature=temperature,
+                    repeat_penalty=REPEAT_PENALTY,
                 )
             except LLMError:
                 raise
@@ -328,6 +332,7 @@ class LlamaCppLLM:
                     messages=messages,  # type: ignore[arg-type]  # llama_cpp wants its TypedDicts
                     max_tokens=max_tokens,
                     temperature=temperature,
+                    repeat_penalty=REPEAT_PENALTY,
                     stream=True,
                 )
                 for chunk in chunks:
