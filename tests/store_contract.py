@@ -12,6 +12,8 @@ The process tests (tests/test_store_processes.py) use them too.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -73,6 +75,26 @@ def put_texts(store: VectorStore, doc_id: str, texts: list[str], dim: int = DIM,
     chunks = [Chunk(f"{doc_id}-{i}", doc_id, text, {"title": doc_id, **meta}) for i, text in enumerate(texts)]
     vectors = np.stack([text_vector(text, dim) for text in texts]) if texts else np.zeros((0, dim), np.float32)
     store.upsert_document(record(doc_id), chunks, vectors)
+
+
+@contextmanager
+def writer_commits_before_every_select(
+    reader: VectorStore, writer: VectorStore, texts: Callable[[int], list[str]]
+) -> Iterator[list[str]]:
+    """While open, `writer` rewrites document "a" (version n: `texts(n)`) before every SELECT that `reader`
+    runs (a store on SQLite: its `_db` connection); yields the statements it committed before."""
+    commits: list[str] = []
+
+    def commit_between_statements(sql: str) -> None:
+        if sql.lstrip().upper().startswith("SELECT"):
+            put_texts(writer, "a", texts(len(commits) + 1))
+            commits.append(sql)
+
+    reader._db.set_trace_callback(commit_between_statements)  # type: ignore[attr-defined]
+    try:
+        yield commits
+    finally:
+        reader._db.set_trace_callback(None)  # type: ignore[attr-defined]
 
 
 def pairing_errors(hits: list[Hit], query: np.ndarray, k: int) -> list[str]:

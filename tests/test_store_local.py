@@ -7,7 +7,16 @@ import sqlite3
 
 import numpy as np
 import pytest
-from store_contract import StoreContract, assert_hits_pair_right, dense, put, put_texts, text_vector, vector
+from store_contract import (
+    StoreContract,
+    assert_hits_pair_right,
+    dense,
+    put,
+    put_texts,
+    text_vector,
+    vector,
+    writer_commits_before_every_select,
+)
 
 from ragline.store.local import LocalStore
 
@@ -46,21 +55,10 @@ def test_a_search_sees_one_committed_state(data_dir):
     writer, reader = LocalStore(data_dir), LocalStore(data_dir)
     put_texts(writer, "a", ["a v0 0", "a v0 1"])
     put_texts(writer, "b", ["b 0"])
-    commits = []
-
-    def commit_between_statements(sql: str) -> None:
-        if sql.lstrip().upper().startswith("SELECT"):
-            version = len(commits) + 1
-            put_texts(writer, "a", [f"a v{version} {i}" for i in range(1 + version % 4)])
-            commits.append(sql)
-
-    reader._db.set_trace_callback(commit_between_statements)
-    try:
+    with writer_commits_before_every_select(reader, writer, lambda v: [f"a v{v} {i}" for i in range(1 + v % 4)]) as commits:
         for round_ in range(5):
             query = text_vector(f"query {round_}")
             assert_hits_pair_right(reader.search(dense(query, 10)), query, 10)
-    finally:
-        reader._db.set_trace_callback(None)
     assert len(commits) >= 10
     final = reader.search(dense(text_vector("last"), 10))
     assert {h.chunk.text for h in final if h.chunk.doc_id == "a"} == {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from store_contract import dense, ids, keyword, put_texts, record, text_vector
+from store_contract import dense, ids, keyword, put_texts, record, text_vector, writer_commits_before_every_select
 
 from ragline.store import keywords
 from ragline.store.base import SearchRequest
@@ -110,16 +110,7 @@ def test_a_hybrid_search_sees_one_committed_state(tmp_path):
     writer, reader = LocalStore(tmp_path / "index"), LocalStore(tmp_path / "index")
     put_texts(writer, "a", ["a v0 tide 0", "a v0 tide 1"])
     put_texts(writer, "b", ["b tide 0"])
-    commits = []
-
-    def commit_between_statements(sql: str) -> None:
-        if sql.lstrip().upper().startswith("SELECT"):
-            version = len(commits) + 1
-            put_texts(writer, "a", [f"a v{version} tide {i}" for i in range(1 + version % 4)])
-            commits.append(sql)
-
-    reader._db.set_trace_callback(commit_between_statements)
-    try:
+    with writer_commits_before_every_select(reader, writer, lambda v: [f"a v{v} tide {i}" for i in range(1 + v % 4)]) as commits:
         for round_ in range(5):
             request = SearchRequest(text="tide", vector=text_vector(f"query {round_}"), mode="hybrid", k=10,
                                     with_vectors=True)
@@ -127,7 +118,5 @@ def test_a_hybrid_search_sees_one_committed_state(tmp_path):
             assert hits and len({hit.chunk.text.split()[1] for hit in hits if hit.chunk.doc_id == "a"}) == 1
             for hit in hits:
                 assert np.allclose(hit.vector, text_vector(hit.chunk.text))
-    finally:
-        reader._db.set_trace_callback(None)
     assert len(commits) >= 10
     writer.close(), reader.close()
