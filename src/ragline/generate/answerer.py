@@ -152,10 +152,11 @@ class _Turn:
     def checked_claims(self) -> list[ClaimEvent]:
         """The draft's complete claims not yet sent, checked against the passages. The whole draft is
         checked, as the final answer will be, so that the offsets match the final answer's."""
-        if not self.claims_complete():
+        if self.answerer.verifier is None or self.prompt is None:
             return []
-        assert self.answerer.verifier is not None and self.prompt is not None
         complete = self._complete_claims()
+        if complete <= self.claims_sent:
+            return []
         check = self.answerer.verifier.verify("".join(self.pieces).lstrip(), self.prompt.hits)
         events = [ClaimEvent(i, check.claims[i]) for i in range(self.claims_sent, complete)]
         self.claims_sent = complete

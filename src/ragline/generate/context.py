@@ -36,6 +36,10 @@ class Context:
     texts: list[str]
     confidence: float | None
 
+    @classmethod
+    def whole(cls, hits: Sequence[Hit], confidence: float | None = None) -> Context:
+        return cls(list(hits), [hit.chunk.text for hit in hits], confidence)
+
 
 class ContextSelector:
     """Scores passage sentences against the question with a verifier scorer, and keeps the best to a budget."""
@@ -52,11 +56,11 @@ class ContextSelector:
         """The passages as the model should read them; scored only when there is a budget to meet or the
         `confidence` is wanted."""
         if self.scorer is None or (self.budget is None and not confidence):
-            return Context(list(hits), [hit.chunk.text for hit in hits], None)
+            return Context.whole(hits)
         sentences = [text_units(hit.chunk.text) or [Span(hit.chunk.text, 0, len(hit.chunk.text))] for hit in hits]
         flat = [span.text for spans in sentences for span in spans]
         if not flat:
-            return Context(list(hits), [hit.chunk.text for hit in hits], None)
+            return Context.whole(hits)
         row = self.scorer.scores([question], flat)[0].tolist()
         scores, offset = [], 0
         for spans in sentences:
@@ -64,7 +68,7 @@ class ContextSelector:
             offset += len(spans)
         best = max(row)
         if self.budget is None:
-            return Context(list(hits), [hit.chunk.text for hit in hits], best)
+            return Context.whole(hits, best)
         kept = self._within_budget(sentences, scores, count_tokens)
         texts = [_joined(hits[p].chunk.text, [sentences[p][i] for i in sorted(kept[p])]) for p in range(len(kept))]
         return Context(list(hits[: len(kept)]), texts, best)
