@@ -73,6 +73,7 @@ from ragline.evaluate.judge import Judge
 from ragline.evaluate.matching import same_page
 from ragline.evaluate.records import ResultsFile, config_hash, question_key
 from ragline.generate.prompt import NO_ANSWER
+from ragline.store.base import Scope
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / ".ragline-bench" / "generation"
@@ -251,7 +252,7 @@ def answer_all(app: Ragline, log: ResultsFile, items: list[tuple[dict, bool]], t
     todo = [(item, answerable) for item, answerable in items if question_key(item) not in done]
     for number, (item, answerable) in enumerate(todo, start=1):
         started = time.perf_counter()
-        answer = app.answer(item["question"]).to_dict()
+        answer = app.answer(item["question"], scope=Scope.everything()).to_dict()
         record = {"kind": "answer", **tags, "question": item["question"], "source": item.get("source"),
                   "answerable": answerable, "on_topic": item.get("on_topic"), "answer": answer}
         log.append(record)
@@ -278,12 +279,12 @@ def streaming_overhead(app: Ragline, question: str, runs: int, max_tokens: int) 
     from ragline.generate.prompt import build_prompt
 
     llm = app.answerer.llm
-    hits = app.retriever.search(question).hits
+    hits = app.retriever.search(question, scope=Scope.everything()).hits
     prompt = build_prompt(question, hits, count_tokens=llm.count_tokens, context_window=llm.context_window,
                           input_fraction=app.settings.generate.input_fraction, max_answer_tokens=max_tokens)
     ours, direct = [], []
     for _ in range(runs):
-        ours.append(tokens_per_s(app.answer(question).to_dict()) or 0.0)
+        ours.append(tokens_per_s(app.answer(question, scope=Scope.everything()).to_dict()) or 0.0)
         llama = llm._model()
         first, count = None, 0
         for chunk in llama.create_chat_completion(messages=prompt.messages, max_tokens=max_tokens, temperature=0.0,

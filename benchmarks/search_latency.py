@@ -3,8 +3,9 @@
     python benchmarks/search_latency.py [--sizes 10000 100000] [--queries 200]
 
 Prints p50/p99 in milliseconds of top-10 dense, keyword (FTS5 BM25) and
-hybrid (both, fused with RRF) searches, and of a hybrid search with a
-metadata filter, through the store's public `search` call (read
+hybrid (both, fused with RRF) searches, of a hybrid search with a
+metadata filter and of one in the scope of one access group of four (a
+quarter of the documents; the others search the whole tenant), through the store's public `search` call (read
 transaction, refresh check and SQLite row fetch included), beside the
 baseline of the same run: the bare NumPy floor (matrix product and top-10
 on the same vectors in memory), so what the store adds is visible. Chunk
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ragline.config import EmbedderSettings
-from ragline.store.base import DocumentRecord, SearchRequest
+from ragline.store.base import DocumentRecord, Scope, SearchRequest
 from ragline.store.local import LocalStore
 from ragline.types import Chunk
 
@@ -38,6 +39,8 @@ WORDS_PER_CHUNK = 120
 VOCABULARY = [f"w{i}" if i % 7 else f"get_w{i}_value" for i in range(30_000)]
 ZIPF = 1 / np.arange(1, len(VOCABULARY) + 1)
 ZIPF /= ZIPF.sum()
+GROUPS = 4
+"""Each document is readable by one of GROUPS access groups, in turn."""
 
 
 def passages(rng: np.random.Generator, n: int) -> list[str]:
@@ -56,7 +59,7 @@ def fill(store: LocalStore, n: int, rng: np.random.Generator) -> np.ndarray:
             Chunk(f"{doc_id}-{i}", doc_id, text, {"format": "html" if i % 10 else "pdf", "chunk_index": i})
             for i, text in enumerate(passages(rng, DOC_SIZE))
         ]
-        record = DocumentRecord(doc_id, f"/{doc_id}", "/", 1, 1, "x", "fp")
+        record = DocumentRecord(doc_id, f"/{doc_id}", "/", 1, 1, "x", "fp", groups=[f"g{start // DOC_SIZE % GROUPS}"])
         store.upsert_document(record, chunks, vectors)
         written.append(vectors)
     store.persist()
@@ -111,12 +114,15 @@ def main() -> None:
             matrix = fill(store, size, rng)
             reopened = LocalStore(Path(tmp))
             started = time.perf_counter()
-            reopened.search(SearchRequest(vector=queries[0], k=10))
+            reopened.search(SearchRequest(Scope.everything(), vector=queries[0], k=10))
             open_ms = (time.perf_counter() - started) * 1000
 
-            def requests(mode: str, filters=None) -> list[SearchRequest]:
+            def requests(mode: str, filters=None, scope: Scope = Scope.everything()) -> list[SearchRequest]:
                 texts = query_texts(reopened, len(queries), rng)
-                return [SearchRequest(text=t, vector=q, mode=mode, k=10, filters=filters) for t, q in zip(texts, queries)]
+                return [
+                    SearchRequest(scope, text=t, vector=q, mode=mode, k=10, filters=filters)
+                    for t, q in zip(texts, queries)
+                ]
 
             results[size] = {
                 "first_search_after_open_ms": round(open_ms, 1),
@@ -124,6 +130,9 @@ def main() -> None:
                 "keyword": percentiles(time_searches(reopened, requests("keyword"))),
                 "hybrid": percentiles(time_searches(reopened, requests("hybrid"))),
                 "hybrid_with_filter": percentiles(time_searches(reopened, requests("hybrid", {"format": "pdf"}))),
+                "hybrid_in_one_group": percentiles(
+                    time_searches(reopened, requests("hybrid", scope=Scope("default", frozenset({"g0"}))))
+                ),
                 "baseline_numpy_floor": percentiles(time_numpy_floor(matrix, queries)),
             }
             store.close()

@@ -67,6 +67,7 @@ LABELLED = DATA / "verifier_claims.jsonl"
 
 def collect(args: argparse.Namespace) -> None:
     from ragline.app import Ragline
+    from ragline.store.base import Scope
 
     settings = load_settings(
         REPO / "samples" / "ragline.yaml",
@@ -84,7 +85,7 @@ def collect(args: argparse.Namespace) -> None:
         for question in questions:
             if question in done:
                 continue
-            answer = app.answer(question).to_dict()
+            answer = app.answer(question, scope=Scope.everything()).to_dict()
             record = {
                 "question": question,
                 "answer": answer["answer"],

@@ -18,18 +18,32 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from ragline.store.base import MAX_IN_VALUES, DocumentRecord, FilterError, SearchRequest, StoreError, VectorStore
+from ragline.store.base import (
+    DEFAULT_TENANT,
+    EVERYONE,
+    MAX_IN_VALUES,
+    DocumentRecord,
+    FilterError,
+    Scope,
+    SearchRequest,
+    StoreError,
+    VectorStore,
+)
 from ragline.store.fusion import Fusion
 from ragline.types import Chunk, Hit
 
 
-def dense(vector: np.ndarray, k: int, filters: dict | None = None) -> SearchRequest:
+EVERYTHING = Scope.everything()
+"""The default tenant's documents, every group: the scope of checks that are not about access."""
+
+
+def dense(vector: np.ndarray, k: int, filters: dict | None = None, scope: Scope = EVERYTHING) -> SearchRequest:
     """A dense search request, the shape most contract checks need."""
-    return SearchRequest(vector=vector, k=k, filters=filters)
+    return SearchRequest(scope, vector=vector, k=k, filters=filters)
 
 
-def keyword(text: str, k: int = 5, filters: dict | None = None) -> SearchRequest:
-    return SearchRequest(text=text, mode="keyword", k=k, filters=filters)
+def keyword(text: str, k: int = 5, filters: dict | None = None, scope: Scope = EVERYTHING) -> SearchRequest:
+    return SearchRequest(scope, text=text, mode="keyword", k=k, filters=filters)
 
 
 def ids(hits: list[Hit]) -> list[str]:
@@ -45,10 +59,14 @@ def vector(*hot: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def record(doc_id: str, status: str = "indexed", error: str = "") -> DocumentRecord:
+def record(
+    doc_id: str, status: str = "indexed", error: str = "", tenant: str = DEFAULT_TENANT,
+    groups: list[str] | None = None,
+) -> DocumentRecord:
     return DocumentRecord(
         doc_id=doc_id, source=f"/docs/{doc_id}.md", root="/docs", size=10, mtime_ns=1,
-        sha256="ab" * 32, fingerprint="fp", status=status, error=error,
+        sha256="ab" * 32, fingerprint="fp", status=status, error=error, tenant=tenant,
+        groups=[EVERYONE] if groups is None else groups,
     )
 
 
@@ -70,11 +88,15 @@ def text_vector(text: str, dim: int = DIM) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def put_texts(store: VectorStore, doc_id: str, texts: list[str], dim: int = DIM, **meta) -> None:
-    """Store `doc_id` as one chunk per text, each with its `text_vector`."""
+def put_texts(
+    store: VectorStore, doc_id: str, texts: list[str], dim: int = DIM, owner: tuple[str, list[str]] | None = None,
+    **meta,
+) -> None:
+    """Store `doc_id` as one chunk per text, each with its `text_vector`; `owner` is its (tenant, groups)."""
     chunks = [Chunk(f"{doc_id}-{i}", doc_id, text, {"title": doc_id, **meta}) for i, text in enumerate(texts)]
     vectors = np.stack([text_vector(text, dim) for text in texts]) if texts else np.zeros((0, dim), np.float32)
-    store.upsert_document(record(doc_id), chunks, vectors)
+    tenant, groups = owner or (DEFAULT_TENANT, [EVERYONE])
+    store.upsert_document(record(doc_id, tenant=tenant, groups=groups), chunks, vectors)
 
 
 @contextmanager
@@ -188,16 +210,18 @@ class KeywordContract:
     def test_hybrid_fuses_the_dense_and_keyword_lists(self, store):
         self.fill(store)
         only_dense = text_vector(KEYWORD_TEXTS["pool"][1])  # the vector of "A future holds ..."
-        hits = store.search(SearchRequest(text="read_csv", vector=only_dense, mode="hybrid", k=2))
+        hits = store.search(SearchRequest(EVERYTHING, text="read_csv", vector=only_dense, mode="hybrid", k=2))
         assert set(ids(hits)) == {"pool-1", "pandas-0"}
-        assert ids(store.search(SearchRequest(text="read_csv", vector=only_dense, mode="hybrid", k=1,
+        assert ids(store.search(SearchRequest(EVERYTHING, text="read_csv", vector=only_dense, mode="hybrid", k=1,
                                               fusion=Fusion(keyword_weight=2.0)))) == ["pandas-0"]
-        assert ids(store.search(SearchRequest(text="read_csv", vector=only_dense, mode="hybrid", k=1,
+        assert ids(store.search(SearchRequest(EVERYTHING, text="read_csv", vector=only_dense, mode="hybrid", k=1,
                                               fusion=Fusion(method="convex", dense_weight=2.0)))) == ["pool-1"]
 
     def test_hits_carry_their_vectors_when_asked(self, store):
         self.fill(store)
-        request = SearchRequest(text="read_csv", vector=text_vector("x"), mode="hybrid", k=6, with_vectors=True)
+        request = SearchRequest(
+            EVERYTHING, text="read_csv", vector=text_vector("x"), mode="hybrid", k=6, with_vectors=True
+        )
         for hit in store.search(request):
             assert np.allclose(hit.vector, text_vector(hit.chunk.text))
         assert all(hit.vector is None for hit in store.search(keyword("read_csv")))
@@ -207,7 +231,7 @@ class KeywordContract:
         for doc_id in ("z", "a", "m"):
             put_texts(store, doc_id, ["the same sentence about tides"])
         for request in (keyword("tides", 3), dense(text_vector("the same sentence about tides"), 3),
-                        SearchRequest(text="tides", vector=text_vector("x"), mode="hybrid", k=3)):
+                        SearchRequest(EVERYTHING, text="tides", vector=text_vector("x"), mode="hybrid", k=3)):
             assert ids(store.search(request)) == ["a-0", "m-0", "z-0"]
 
     def test_document_chunks_come_in_reading_order(self, store):
@@ -216,7 +240,185 @@ class KeywordContract:
         assert store.document_chunks("missing") == []
 
 
-class StoreContract(KeywordContract):
+OWNERS = {  # doc_id: (tenant, groups)
+    "acme-all": ("acme", [EVERYONE]),
+    "acme-eng": ("acme", ["eng"]),
+    "acme-ops": ("acme", ["ops"]),
+    "acme-eng-ops": ("acme", ["eng", "ops"]),
+    "acme-admins": ("acme", []),
+    "globex-all": ("globex", [EVERYONE]),
+    "globex-eng": ("globex", ["eng"]),
+}
+"""Two tenants with a group of the same name, overlapping groups, documents for everyone and for admins only."""
+PARTS = 3
+SCOPES = [
+    Scope("acme", frozenset({"eng"})),
+    Scope("acme", frozenset({"ops"})),
+    Scope("acme", frozenset({"eng", "ops"})),
+    Scope("acme", frozenset({"hr"})),
+    Scope("acme", frozenset()),
+    Scope("acme", None),
+    Scope("globex", frozenset({"eng"})),
+    Scope("globex", None),
+    Scope("initech", None),
+    Scope(DEFAULT_TENANT, None),
+]
+MODES = ("dense", "keyword", "hybrid")
+
+
+def put_owned(store: VectorStore, doc_id: str, tenant: str, groups: list[str]) -> None:
+    """PARTS chunks that all hold the word "tides", each with its `text_vector`; parts alternate even and odd."""
+    texts = [f"tides of {doc_id} part {i}" for i in range(PARTS)]
+    chunks = [Chunk(f"{doc_id}-{i}", doc_id, text, {"title": doc_id, "part": ("even", "odd")[i % 2]})
+              for i, text in enumerate(texts)]
+    vectors = np.stack([text_vector(text) for text in texts])
+    store.upsert_document(record(doc_id, tenant=tenant, groups=groups), chunks, vectors)
+
+
+def fill_owners(store: VectorStore) -> None:
+    for doc_id, (tenant, groups) in OWNERS.items():
+        put_owned(store, doc_id, tenant, groups)
+
+
+def readable(scope: Scope, owners: dict[str, tuple[str, list[str]]] = OWNERS) -> set[str]:
+    """The documents `scope` may read, by the rule itself (`Scope.allows`)."""
+    return {doc_id for doc_id, (tenant, groups) in owners.items() if scope.allows(tenant, groups)}
+
+
+def everywhere(scope: Scope, k: int = 50, **options) -> list[SearchRequest]:
+    """The same search in each mode: every chunk of the access fixture matches the text."""
+    vector = text_vector("tides")
+    return [SearchRequest(scope, text="tides", vector=vector, mode=mode, k=k, **options) for mode in MODES]
+
+
+def docs_found(store: VectorStore, scope: Scope) -> set[str]:
+    return {hit.chunk.doc_id for request in everywhere(scope) for hit in store.search(request)}
+
+
+class AccessContract:
+    """Access scopes, applied inside every search, count and manifest read (mixed into a store's test class)."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_a_search_returns_everything_its_scope_may_read_and_nothing_else(self, store, mode):
+        fill_owners(store)
+        for scope in SCOPES:
+            (request,) = [r for r in everywhere(scope) if r.mode == mode]
+            hits = store.search(request)  # k is above what any scope may read
+            assert {hit.chunk.doc_id for hit in hits} == readable(scope), scope
+            assert len(hits) == PARTS * len(readable(scope)), scope
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_scope_and_filters_both_hold(self, store, mode):
+        fill_owners(store)
+        eng = Scope("acme", frozenset({"eng"}))
+        (request,) = [r for r in everywhere(eng, filters={"part": "odd"}) if r.mode == mode]
+        assert {(hit.chunk.doc_id, hit.chunk.metadata["part"]) for hit in store.search(request)} == {
+            (doc_id, "odd") for doc_id in readable(eng)
+        }
+        (outside,) = [r for r in everywhere(eng, filters={"title": "globex-eng"}) if r.mode == mode]
+        assert store.search(outside) == []
+        assert store.count({"part": "odd"}, eng) == len(readable(eng))
+        assert store.count({"title": {"$in": ["acme-ops", "acme-eng"]}}, eng) == PARTS
+
+    def test_counts_and_the_manifest_are_scoped(self, store):
+        fill_owners(store)
+        for scope in SCOPES:
+            assert store.count(scope=scope) == PARTS * len(readable(scope)), scope
+            records = store.documents(scope)
+            assert {r.doc_id for r in records} == readable(scope), scope
+            assert all(len(r.chunk_ids) == PARTS for r in records)
+        assert {r.doc_id for r in store.documents()} == set(OWNERS) and store.count() == PARTS * len(OWNERS)
+        both = store.document("acme-eng-ops")
+        assert (both.tenant, sorted(both.groups), both.chunk_ids) == ("acme", ["eng", "ops"], [
+            f"acme-eng-ops-{i}" for i in range(PARTS)
+        ])
+        assert store.document("missing") is None
+
+    def test_set_access_changes_who_reads_at_once_and_leaves_the_vectors(self, store):
+        fill_owners(store)
+        acme, eng, ops = Scope("acme", None), Scope("acme", frozenset({"eng"})), Scope("acme", frozenset({"ops"}))
+
+        def stored(scope: Scope) -> dict[str, tuple[Chunk, bytes]]:
+            hits = store.search(SearchRequest(scope, vector=text_vector("q"), k=50, with_vectors=True))
+            return {hit.chunk.chunk_id: (hit.chunk, np.asarray(hit.vector, np.float32).tobytes()) for hit in hits}
+
+        before, record_before = stored(acme), store.document("acme-eng")
+        store.set_access("acme-eng", "acme", ["ops"])
+        assert "acme-eng" not in docs_found(store, eng) and "acme-eng" in docs_found(store, ops)
+        assert stored(acme) == before  # the same chunks, with byte-identical vectors
+        moved = store.document("acme-eng")
+        assert (moved.tenant, moved.groups) == ("acme", ["ops"])
+        assert (moved.chunk_ids, moved.sha256, moved.fingerprint, moved.status) == (
+            record_before.chunk_ids, record_before.sha256, record_before.fingerprint, record_before.status,
+        )
+
+        store.set_access("acme-eng", "globex", [EVERYONE])  # to another tenant
+        assert "acme-eng" not in docs_found(store, acme) | {r.doc_id for r in store.documents(acme)}
+        assert "acme-eng" in docs_found(store, Scope("globex", frozenset()))
+        assert store.count(scope=Scope("globex", None)) == PARTS * 3
+        store.set_access("acme-eng", "acme", [])  # admins only
+        assert "acme-eng" not in docs_found(store, Scope("acme", frozenset({"eng", "ops"})))
+        assert "acme-eng" in docs_found(store, acme)
+
+    def test_set_access_of_an_unknown_or_malformed_document_is_refused(self, store):
+        fill_owners(store)
+        version = store.index_version()
+        with pytest.raises(StoreError, match="missing"):
+            store.set_access("missing", "acme", [EVERYONE])
+        for tenant, groups in (("", [EVERYONE]), ("acme", "eng"), ("acme", ["eng", ""])):
+            with pytest.raises(ValueError):
+                store.set_access("acme-eng", tenant, groups)
+        assert store.index_version() == version
+        assert docs_found(store, Scope("acme", frozenset({"eng"}))) == readable(Scope("acme", frozenset({"eng"})))
+
+    def test_an_upsert_replaces_access_and_a_delete_removes_it(self, store):
+        fill_owners(store)
+        eng = Scope("acme", frozenset({"eng"}))
+        put_owned(store, "acme-eng", "acme", ["ops"])
+        assert "acme-eng" not in docs_found(store, eng) | {r.doc_id for r in store.documents(eng)}
+        store.delete_document("acme-eng-ops")
+        assert docs_found(store, eng) == {"acme-all"} and store.count(scope=eng) == PARTS
+
+    def test_the_index_version_changes_with_every_write_of_chunks_or_access_and_only_then(self, store):
+        versions = [store.index_version()]
+        put_owned(store, "acme-eng", "acme", ["eng"])
+        versions.append(store.index_version())
+        for request in everywhere(Scope("acme", frozenset({"eng"}))):
+            store.search(request)
+        store.count(), store.documents(), store.document("acme-eng"), store.filter_fields()
+        assert store.index_version() == versions[-1]
+        store.set_access("acme-eng", "acme", ["ops"])
+        versions.append(store.index_version())
+        put_owned(store, "acme-eng", "acme", ["ops"])
+        versions.append(store.index_version())
+        store.delete_document("acme-eng")
+        versions.append(store.index_version())
+        assert len(set(versions)) == len(versions) and all(isinstance(v, str) and v for v in versions)
+
+    def test_scope_holds_across_handles_persists_and_reopens(self, store, reopen):
+        fill_owners(store)
+        eng = Scope("acme", frozenset({"eng"}))
+        reader = reopen()
+        assert docs_found(reader, eng) == readable(eng)
+        store.persist()
+        store.set_access("acme-eng", "acme", ["ops"])  # after the snapshot, and after the reader's last search
+        assert docs_found(reader, eng) == readable(eng) - {"acme-eng"}
+        again = reopen()
+        assert docs_found(again, eng) == readable(eng) - {"acme-eng"}
+        assert again.document("acme-eng").groups == ["ops"]
+        again.persist()
+        assert docs_found(reopen(), eng) == readable(eng) - {"acme-eng"}
+
+    def test_a_search_must_say_who_is_reading(self):
+        with pytest.raises(TypeError):
+            SearchRequest(vector=vector(0), k=1)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="Scope"):
+            SearchRequest("acme", vector=vector(0), k=1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="frozenset"):
+            SearchRequest(Scope("acme", {"eng"}), vector=vector(0), k=1)  # type: ignore[arg-type]
+
+
+class StoreContract(KeywordContract, AccessContract):
     def test_implements_protocol(self, store):
         assert isinstance(store, VectorStore)
 

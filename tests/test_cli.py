@@ -55,6 +55,25 @@ def test_search_queries_file_prints_one_json_line_per_query(corpus, tmp_path, ca
     assert lines[0]["hits"][0]["url"].endswith("cache.md#semantic-cache")
 
 
+def test_search_and_ask_read_the_tenant_they_are_given(corpus, tmp_path, capsys):
+    (tmp_path / "ragline.yaml").write_text(
+        f"ingest:\n  sources:\n    - path: {corpus}\n      tenant: acme\n      groups: [eng]\n"
+        "generate:\n  llm:\n    backend: extractive\n"
+    )
+    assert run(["ingest"]) == 0
+    assert run(["ingest", str(corpus / "cache.md")]) == 0  # a configured source's file keeps its tenant
+    capsys.readouterr()
+    question = "how many requests per minute can a key make?"
+    assert run(["search", question, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"] == []
+    assert run(["search", question, "--tenant", "acme", "--json"]) == 0
+    assert {hit["source"] for hit in json.loads(capsys.readouterr().out)["hits"]} == {"limits.rst", "cache.md"}
+    assert run(["ask", question, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["citations"] == []
+    assert run(["ask", question, "--tenant", "acme", "--json"]) == 0
+    assert "120 requests" in json.loads(capsys.readouterr().out)["answer"]
+
+
 def test_status_reports_documents_and_last_ingest(corpus, capsys):
     run(["ingest", str(corpus)])
     capsys.readouterr()

@@ -32,11 +32,13 @@ from crash_harness import CrashTally, KillPlan, RunOutcome, run_ingest
 from scripted_llm_server import Reply, ScriptedLLMServer
 from ragline.app import Ragline
 from ragline.config import Settings, SourceSettings
+from ragline.store.base import Scope
 
 SEED = int(os.environ.get("CRASH_SUITE_SEED", "6"))
 FILES = 36
 SECTIONS = 4  # each section fits one chunk, so every file has SECTIONS chunks
 MIN_KILLS = 50
+EVERYTHING = Scope.everything()
 MIN_ROUNDS = 3  # a fresh ingest, then two re-ingests of a changed corpus
 MAX_ROUNDS = 8
 K = 10
@@ -147,7 +149,7 @@ def search_results(data_dir: Path, embedder) -> list[list[tuple[str, float]]]:
     app = Ragline(Settings(data_dir=data_dir))
     app.__dict__["embedder"] = embedder
     try:
-        results = app.retriever.search_many(QUERIES, K + 1)
+        results = app.retriever.search_many(QUERIES, K + 1, scope=EVERYTHING)
         return [[(hit.chunk.chunk_id, hit.score) for hit in result.hits] for result in results]
     finally:
         app.close()

@@ -13,7 +13,7 @@ import pytest
 
 from ragline.app import Ragline
 from ragline.config import Settings, SourceSettings
-from ragline.store.base import SearchRequest
+from ragline.store.base import Scope, SearchRequest
 
 TESTS = Path(__file__).resolve().parent
 
@@ -60,7 +60,7 @@ def test_pathological_files_are_killed_and_reported_while_the_rest_is_indexed(tm
     assert "ingest.file_memory_mb (256 MB)" in reasons["bomb.hog"]
     assert "crashed" in reasons["odd.crash"]
     assert len(report.new) == 6
-    hit = app.retriever.search("fact about volcanoes", k=1).hits[0]
+    hit = app.retriever.search("fact about volcanoes", k=1, scope=Scope.everything()).hits[0]
     assert hit.chunk.metadata["source"] == "part0/note04.md"
 
 
@@ -77,7 +77,7 @@ def test_parallel_parsing_gives_exactly_the_index_of_a_serial_run(tmp_path, make
         return db.execute("SELECT seq, chunk_id, text FROM chunks ORDER BY seq").fetchall()
 
     assert rows(parallel) == rows(serial) and len(rows(serial)) >= 48
-    query = serial.embedder.embed_queries(["rivers"])[0]
-    assert [(h.chunk.chunk_id, h.score) for h in parallel.store.search(SearchRequest(vector=query, k=10))] == [
-        (h.chunk.chunk_id, h.score) for h in serial.store.search(SearchRequest(vector=query, k=10))
+    request = SearchRequest(Scope.everything(), vector=serial.embedder.embed_queries(["rivers"])[0], k=10)
+    assert [(h.chunk.chunk_id, h.score) for h in parallel.store.search(request)] == [
+        (h.chunk.chunk_id, h.score) for h in serial.store.search(request)
     ]

@@ -10,6 +10,9 @@ import pytest
 from ragline.app import Ragline
 from ragline.config import DEFAULT_SECRET_EXCLUDES, Settings, SourceSettings
 from ragline.pipeline import IngestError, document_id
+from ragline.store.base import Scope
+
+EVERYTHING = Scope.everything()
 
 
 @pytest.fixture
@@ -59,7 +62,7 @@ def test_first_run_indexes_supported_files_with_urls(corpus, make_app):
     report = app.indexer().run([source])
     assert sorted(Path(p).name for p in report.new) == ["install.md", "notes.txt", "tuning.md"]
     assert report.unsupported == 1 and report.failed == [] and report.chunks == app.store.count() > 0
-    hit = app.retriever.search("how big should the embedding batch be?", k=1).hits[0]
+    hit = app.retriever.search("how big should the embedding batch be?", k=1, scope=EVERYTHING).hits[0]
     assert hit.chunk.citation_url == "https://docs.example.org/guide/tuning.html#batch-size"
     assert hit.chunk.metadata["heading_path"] == ["Tuning", "Batch size"]
     assert hit.chunk.metadata["source"] == "guide/tuning.md"  # relative to its root: no host path
@@ -89,7 +92,7 @@ def test_changed_file_replaces_its_chunks_and_deleted_file_disappears(corpus, ma
     assert str(corpus / "guide" / "install.md") not in after
     assert after[str(corpus / "notes.txt")][3] != before[str(corpus / "notes.txt")][3]
     assert app.store.count() == sum(len(v[3]) for v in after.values())
-    texts = [h.chunk.text for h in app.retriever.search("what is the office pet called?", k=10).hits]
+    texts = [h.chunk.text for h in app.retriever.search("what is the office pet called?", k=10, scope=EVERYTHING).hits]
     assert any("Hopper" in t for t in texts) and not any("Turing" in t for t in texts)
     assert not any("pip install" in t for t in texts)
 
@@ -117,7 +120,7 @@ def test_a_file_that_turns_bad_loses_its_old_chunks(corpus, make_app):
     (corpus / "notes.txt").write_bytes(b"\x00" * 100)
     report = app.indexer().run([SourceSettings(path=corpus)])
     assert [Path(p).name for p, _ in report.failed] == ["notes.txt"]
-    assert not any("Turing" in h.chunk.text for h in app.retriever.search("office cat", k=10).hits)
+    assert not any("Turing" in h.chunk.text for h in app.retriever.search("office cat", k=10, scope=EVERYTHING).hits)
 
 
 def test_full_rebuild_gives_the_same_index(corpus, make_app):
@@ -134,7 +137,7 @@ def test_changing_the_url_template_reindexes(corpus, make_app):
     app.indexer().run([SourceSettings(path=corpus)])
     report = app.indexer().run([SourceSettings(path=corpus, url_template="https://x.org/{path}")])
     assert len(report.changed) == 3
-    hit = app.retriever.search("office cat", k=1).hits[0]
+    hit = app.retriever.search("office cat", k=1, scope=EVERYTHING).hits[0]
     assert hit.chunk.citation_url == "https://x.org/notes"
 
 
@@ -165,6 +168,44 @@ def test_a_touched_file_is_hashed_once_then_skipped_by_its_saved_mtime(corpus, m
     assert record.mtime_ns == notes.stat().st_mtime_ns  # so the next run skips it without reading it
 
 
+def test_documents_take_their_sources_access_and_a_change_of_it_alone_embeds_nothing(corpus, make_app, tmp_path):
+    hr_docs = tmp_path / "hr"
+    hr_docs.mkdir()
+    (hr_docs / "pay.md").write_text("# Pay\n\nThe salary bands are reviewed every March by the board.\n")
+    app = make_app()
+    app.indexer().run([
+        SourceSettings(path=corpus, tenant="acme", groups=["eng"]),
+        SourceSettings(path=hr_docs, tenant="acme", groups=["hr"]),
+    ])
+    owners = {Path(r.source).name: (r.tenant, r.groups) for r in app.store.documents()}
+    assert owners == {
+        "install.md": ("acme", ["eng"]), "tuning.md": ("acme", ["eng"]), "notes.txt": ("acme", ["eng"]),
+        "pay.md": ("acme", ["hr"]),
+    }
+
+    def sources_found(question: str, groups: set[str]) -> set[str]:
+        hits = app.retriever.search(question, k=10, scope=Scope("acme", frozenset(groups))).hits
+        return {Path(hit.chunk.metadata["source"]).name for hit in hits}
+
+    assert "pay.md" not in sources_found("salary bands", {"eng"}) and "pay.md" in sources_found("salary bands", {"hr"})
+    assert app.retriever.search("salary bands", k=10, scope=EVERYTHING).hits == []  # another tenant's documents
+    rows = app.store._db.execute("SELECT seq, chunk_id, vector FROM chunks ORDER BY seq").fetchall()
+    notes = corpus / "notes.txt"  # touched too: its content is hashed again, then found unchanged
+    os.utime(notes, ns=(notes.stat().st_atime_ns, notes.stat().st_mtime_ns + 5_000_000_000))
+
+    regrouped = [
+        SourceSettings(path=corpus, tenant="acme", groups=["eng", "ops"]),
+        SourceSettings(path=hr_docs, tenant="acme", groups=["*"]),
+    ]
+    report = app.indexer().run(regrouped)
+    assert (report.new, report.changed, report.chunks, report.unchanged) == ([], [], 0, 4)
+    assert sorted(Path(p).name for p in report.access_changed) == ["install.md", "notes.txt", "pay.md", "tuning.md"]
+    assert app.store._db.execute("SELECT seq, chunk_id, vector FROM chunks ORDER BY seq").fetchall() == rows
+    assert "pay.md" in sources_found("salary bands", {"eng"})
+    assert "tuning.md" in sources_found("embedding batch size", {"ops"})
+    assert app.indexer().run(regrouped).access_changed == []
+
+
 def test_changing_the_document_prefix_reindexes(corpus, make_app):
     make_app().indexer().run([SourceSettings(path=corpus)])
     app = make_app({"document_prefix": "passage: "})
@@ -192,7 +233,8 @@ def test_a_sync_of_the_configured_sources_drops_roots_no_longer_listed(corpus, m
     assert report.deleted == []
     report = app.indexer().run([SourceSettings(path=corpus)], prune_other_roots=True)  # ingest.sources
     assert [Path(p).name for p in report.deleted] == ["extra.md"]
-    assert not any("lighthouse" in h.chunk.text for h in app.retriever.search("lighthouse keeper", k=10).hits)
+    found = app.retriever.search("lighthouse keeper", k=10, scope=EVERYTHING).hits
+    assert not any("lighthouse" in h.chunk.text for h in found)
     assert len(app.store.documents()) == 3
 
 
@@ -202,7 +244,7 @@ def test_a_file_name_that_is_not_utf8_is_indexed_like_any_other(corpus, make_app
     app = make_app()
     report = app.indexer().run([SourceSettings(path=corpus, url_template="https://x.org/{path}")])
     assert report.failed == [] and len(report.new) == 4
-    hit = app.retriever.search("which coffees are on the menu?", k=1).hits[0]
+    hit = app.retriever.search("which coffees are on the menu?", k=1, scope=EVERYTHING).hits[0]
     assert hit.chunk.metadata["source"] == "caf\\xe9-menu.txt"
     assert hit.chunk.citation_url == "https://x.org/caf\\xe9-menu"
     (corpus / name).unlink()
@@ -272,7 +314,7 @@ def test_links_out_of_the_folder_are_not_followed_and_loops_end(corpus, make_app
     assert "outside the ingested folder" in skipped["leak.txt"] and "outside" in skipped["leakdir"]
     assert "inside the ingested folder" in skipped["loop"]
     assert sorted(Path(p).name for p in report.new) == ["alias.txt", "install.md", "notes.txt", "tuning.md"]
-    assert not any("salary" in h.chunk.text for h in app.retriever.search("salary table", k=10).hits)
+    assert not any("salary" in h.chunk.text for h in app.retriever.search("salary table", k=10, scope=EVERYTHING).hits)
 
 
 def test_secrets_are_skipped_by_name_and_private_keys_by_content(corpus, make_app):

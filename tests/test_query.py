@@ -18,7 +18,9 @@ from ragline.config import LLMSettings, Settings
 from ragline.generate.openai_compat import OpenAICompatLLM
 from ragline.serve.api import create_app
 from ragline.serve.llm_server import create_llm_app
+from ragline.store.base import Scope
 
+EVERYTHING = Scope.everything()
 QUESTION = "Which port does the Docker image listen on?"
 
 
@@ -50,7 +52,7 @@ def openai_llm(server: ScriptedLLMServer, model: str = "served-model", **overrid
 def test_ask_streams_status_tokens_then_a_cited_answer(index_dir, embedder, llm_server):
     llm_server.script(Stream(["The image listens ", "on port 8000 [1]."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
-    events = [event.to_dict() for event in app.ask(QUESTION, k=2)]
+    events = [event.to_dict() for event in app.ask(QUESTION, k=2, scope=EVERYTHING)]
     assert [e["stage"] for e in events if e["type"] == "status"] == ["retrieve", "generate"]
     assert [e["text"] for e in events if e["type"] == "token"] == ["The image listens ", "on port 8000 [1]."]
     answer = events[-1]
@@ -66,7 +68,7 @@ def test_ask_streams_status_tokens_then_a_cited_answer(index_dir, embedder, llm_
 def test_each_claim_is_checked_and_sent_as_soon_as_the_next_one_begins(index_dir, embedder, llm_server):
     llm_server.script(Stream([" The image listens on port 8000 [1]. ", "Set RAGLINE_SERVE__PORT ", "to change it [2]. ", "It runs on Mars."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
-    events = [event.to_dict() for event in app.ask(QUESTION, k=2)]
+    events = [event.to_dict() for event in app.ask(QUESTION, k=2, scope=EVERYTHING)]
     kinds = [e["type"] for e in events]
     assert kinds == ["status", "status", "token", "token", "claim", "token", "token", "claim", "claim", "answer"]
     claims, answer = [e for e in events if e["type"] == "claim"], events[-1]
@@ -83,7 +85,7 @@ def test_a_citation_of_a_passage_it_was_not_given_is_replaced_by_the_one_that_su
 ):
     llm_server.script(Stream(["Port 8000 [7]."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
-    answer = app.answer(QUESTION, k=2).to_dict()
+    answer = app.answer(QUESTION, k=2, scope=EVERYTHING).to_dict()
     assert answer["answer"] == "Port 8000 [1]." and [c["n"] for c in answer["citations"]] == [1]
     assert answer["grounded"] and "port 8000" in answer["claims"][0]["citations"][0]["text"]
 
@@ -91,13 +93,13 @@ def test_a_citation_of_a_passage_it_was_not_given_is_replaced_by_the_one_that_su
 def test_an_answer_the_passages_do_not_support_is_withheld(index_dir, embedder, llm_server):
     llm_server.script(Stream(["The office cat is called Turing [1]."]))
     app = components(index_dir, embedder, llm=openai_llm(llm_server))
-    answer = app.answer(QUESTION, k=2).to_dict()
+    answer = app.answer(QUESTION, k=2, scope=EVERYTHING).to_dict()
     assert answer["abstained"] and answer["answer"] == NO_ANSWER and not answer["grounded"] and answer["hits"]
 
 
 def test_a_down_llm_still_gives_cited_passages_and_a_note(index_dir, embedder):
     app = components(index_dir, embedder, llm=openai_llm_at(f"http://127.0.0.1:{free_port()}/v1", max_tries=2))
-    answer = app.answer(QUESTION, k=2).to_dict()
+    answer = app.answer(QUESTION, k=2, scope=EVERYTHING).to_dict()
     assert "failed after 2 tries: cannot connect" in answer["note"] and "port 8000" in answer["answer"]
     assert answer["citations"][0]["url"] == "https://ragline.dev/deploy#docker"
 
@@ -113,8 +115,10 @@ def test_routing_picks_the_cheap_model_for_lookups(index_dir, embedder, llm_serv
         router={"enabled": True, "model_path": str(tmp_path / "router.joblib")},
     )
     llm_server.script(Stream(["Port 8000 [1]."]), Stream(["Because [1]."]))
-    cheap = app.answer("What is the default port?", k=1).to_dict()
-    strong = app.answer("Compare Docker and Kubernetes deployments and explain step by step which to choose", k=2).to_dict()
+    cheap = app.answer("What is the default port?", k=1, scope=EVERYTHING).to_dict()
+    strong = app.answer(
+        "Compare Docker and Kubernetes deployments and explain step by step which to choose", k=2, scope=EVERYTHING
+    ).to_dict()
     assert (cheap["model"], strong["model"]) == ("cheap-model", "strong-model")
     assert [r.body["model"] for r in llm_server.received] == ["cheap-model", "strong-model"]
 
@@ -143,8 +147,10 @@ def test_cli_ask_prints_an_extracted_answer(index_dir, monkeypatch, capsys):
 
 
 def test_api_query_and_stream(index_dir, embedder, llm_server):
-    settings = Settings(data_dir=index_dir, generate={"llm": openai_llm(llm_server)})
-    app = components(index_dir, embedder, llm=openai_llm(llm_server))
+    # no answer cache: the same question twice must reach the model twice here
+    settings = Settings(data_dir=index_dir, generate={"llm": openai_llm(llm_server)}, serve={"cache": {"enabled": False}})
+    app = Ragline(settings)
+    app.__dict__["embedder"] = embedder
     llm_server.script(Stream(["Port 8000 [1]."]), Stream(["Port ", "8000 [1]."]))
     with TestClient(create_app(settings, app)) as client:
         wait_until_ready(client.get)
@@ -186,7 +192,7 @@ def test_llm_server_speaks_the_openai_protocol(llm_server):
 
 def test_a_model_that_cannot_load_degrades_to_extraction_with_a_note(index_dir, embedder):
     app = components(index_dir, embedder, llm={"backend": "llama-cpp", "model": "no-such-model"})
-    answer = app.answer(QUESTION, k=2).to_dict()
+    answer = app.answer(QUESTION, k=2, scope=EVERYTHING).to_dict()
     assert "no LLM could be loaded" in answer["note"] and "no-such-model" in answer["note"]
     assert "port 8000" in answer["answer"] and answer["citations"]
 

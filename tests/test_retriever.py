@@ -15,8 +15,10 @@ from ragline.cli import run
 from ragline.config import ConfigError, RetrieveSettings, Settings, SourceSettings, retrieve_options
 from ragline.retrieve.assemble import dedupe, diversify, expand, join_overlapping
 from ragline.serve.api import create_app
+from ragline.store.base import Scope
 from ragline.types import Chunk, Hit
 
+EVERYTHING = Scope.everything()
 PAGES = {
     "json.md": (
         "# json\n\n## Decoding\n\nUse json.load to read a JSON document from a file object into a Python dict; "
@@ -46,24 +48,26 @@ def urls(retrieval) -> list[str]:
 
 
 def test_the_readme_question_finds_json_load_first_in_hybrid_mode(app):
-    retrieval = app.retriever.search("How do I read a JSON file into a Python dict?", k=3)
+    retrieval = app.retriever.search("How do I read a JSON file into a Python dict?", k=3, scope=EVERYTHING)
     assert urls(retrieval)[0] == "https://docs.test/json.html#decoding"
 
 
 @pytest.mark.parametrize("mode", ["dense", "keyword", "hybrid"])
 def test_every_mode_answers_and_is_chosen_per_request(app, mode):
     options = retrieve_options(app.settings.retrieve, {"mode": mode})
-    retrieval = app.retriever.search("pickle.load", k=2, options=options)
+    retrieval = app.retriever.search("pickle.load", k=2, options=options, scope=EVERYTHING)
     assert urls(retrieval)[0] == "https://docs.test/pickle.html#loading"
     assert ("embed_ms" in retrieval.timings) == (mode != "keyword")
 
 
 def test_the_page_cap_spreads_results_over_pages(app):
     capped = retrieve_options(app.settings.retrieve, {"max_per_page": 1, "max_per_section": None})
-    pages = [url.split("#")[0] for url in urls(app.retriever.search("json module file", k=4, options=capped))]
+    capped_hits = app.retriever.search("json module file", k=4, options=capped, scope=EVERYTHING)
+    pages = [url.split("#")[0] for url in urls(capped_hits)]
     assert len(pages) == len(set(pages)) == 4
     uncapped = retrieve_options(app.settings.retrieve, {"max_per_page": None, "max_per_section": None})
-    pages = [url.split("#")[0] for url in urls(app.retriever.search("json module file", k=4, options=uncapped))]
+    uncapped_hits = app.retriever.search("json module file", k=4, options=uncapped, scope=EVERYTHING)
+    pages = [url.split("#")[0] for url in urls(uncapped_hits)]
     assert len(set(pages)) < 4
 
 
@@ -74,9 +78,9 @@ def test_neighbour_expansion_joins_the_sections_chunks(tmp_path, embedder):
     components = Ragline(Settings(data_dir=tmp_path / "index", chunker={"chunk_tokens": 64, "overlap_tokens": 8}))
     components.__dict__["embedder"] = embedder
     components.indexer().run([SourceSettings(path=tmp_path / "docs")])
-    plain = components.retriever.search("widget number 200", k=1).hits[0]
+    plain = components.retriever.search("widget number 200", k=1, scope=EVERYTHING).hits[0]
     options = retrieve_options(components.settings.retrieve, {"expand_neighbours": 1})
-    wide = components.retriever.search("widget number 200", k=1, options=options).hits[0]
+    wide = components.retriever.search("widget number 200", k=1, options=options, scope=EVERYTHING).hits[0]
     components.close()
     assert plain.chunk.text in wide.chunk.text and len(wide.chunk.text) > 2 * len(plain.chunk.text)
     assert len(wide.chunk.metadata["expanded_from"]) == 3
@@ -156,7 +160,31 @@ def test_the_cli_takes_mode_and_retrieve_options(app, capsys, monkeypatch):
 def test_a_reranker_that_is_down_leaves_the_first_ranking_with_a_note(app):
     down = {"backend": "http", "base_url": f"http://127.0.0.1:{free_port()}", "timeout_s": 2}
     dead = retrieve_options(app.settings.retrieve, {"rerank": down})
-    plain = app.retriever.search("pickle.load", k=2)
-    degraded = app.retriever.search("pickle.load", k=2, options=dead)
+    plain = app.retriever.search("pickle.load", k=2, scope=EVERYTHING)
+    degraded = app.retriever.search("pickle.load", k=2, options=dead, scope=EVERYTHING)
     assert urls(degraded) == urls(plain)
     assert degraded.notes and "reranking skipped" in degraded.notes[0]
+
+
+def test_an_embedding_service_that_is_down_degrades_to_keyword_search_with_a_note(app):
+    from ragline.config import EmbedderSettings
+    from ragline.embed.openai_compat import OpenAIEmbedder
+    from ragline.retrieve.retriever import Retriever
+
+    down_settings = EmbedderSettings(
+        backend="openai", model=app.embedder.name, base_url=f"http://127.0.0.1:{free_port()}/v1", dimensions=384,
+    )
+    down = OpenAIEmbedder(down_settings)
+    retriever = Retriever(down, app.store, app.settings.retrieve)
+    retrieval = retriever.search("pickle.load", k=2, scope=EVERYTHING)
+    assert urls(retrieval)[0] == "https://docs.test/pickle.html#loading"
+    assert "embed_ms" not in retrieval.timings
+    assert any("keyword search" in note for note in retrieval.notes)
+    # the whole answer flow: keyword passages, whole passages for the model, an unchecked answer that says so
+    settings = app.settings.model_copy(update={"embedder": down_settings})
+    degraded = Ragline(settings)
+    degraded.__dict__["embedder"] = down
+    answer = degraded.answer("How do I load a pickled object?", k=2, scope=EVERYTHING)
+    assert "pickle.load" in answer.text and answer.citations
+    assert "keyword search" in answer.note and "claims not checked" in answer.note
+    degraded.close()

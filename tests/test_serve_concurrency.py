@@ -89,7 +89,8 @@ def test_health_checks_are_answered_while_two_local_answers_generate(index_dir, 
     settings = Settings(
         data_dir=index_dir,
         generate={"llm": llm, "input_fraction": 0.8, "max_answer_tokens": 48, "temperature": 0},
-        serve={"max_concurrent_generations": 2, "max_queued_generations": 0, "busy_retry_after_s": 3},
+        serve={"max_concurrent_generations": 2, "max_queued_generations": 0, "busy_retry_after_s": 3,
+               "cache": {"enabled": False}},  # the same question each time must reach the model
     )
     with serving(settings, embedder) as (http, components):
         assert http.get("/readyz").json()["components"]["llm"] == {"status": "ready", "reason": SMOLLM2}
@@ -106,7 +107,7 @@ def test_health_checks_are_answered_while_two_local_answers_generate(index_dir, 
             assert next_of_type(second_events, "status")["stage"] == "retrieve"
             assert next_of_type(second_events, "status")["stage"] == "generate"
             held = [http.get("/healthz") for _ in range(5)]  # before the fix: the loop froze, each timed out
-            assert all(r.status_code == 200 and r.json()["answers_in_flight"] == 2 and r.json()["chunks"] > 0 for r in held)
+            assert all(r.status_code == 200 and r.json()["answers_in_flight"] == 2 for r in held)
             assert_busy(http, "3")
         finally:
             model._lock.release()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import typer
-from store_contract import chunks_for, put, record
+from store_contract import EVERYTHING, chunks_for, put, record
 
 from ragline.cli import run
 from ragline.cli.common import parse_filters
@@ -98,7 +98,7 @@ def test_the_retriever_refuses_k_below_one(tmp_path, embedder):
     retriever = Retriever(embedder, store, RetrieveSettings(top_k=5))
     for k in (0, -2):
         with pytest.raises(ValueError, match="k must be at least 1"):
-            retriever.search("cache", k)
-    assert len(retriever.search("cache").hits) == 1
+            retriever.search("cache", k, scope=EVERYTHING)
+    assert len(retriever.search("cache", scope=EVERYTHING).hits) == 1
     store.close()
 

@@ -11,6 +11,7 @@ from store_contract import (
     StoreContract,
     assert_hits_pair_right,
     dense,
+    fill_owners,
     put,
     put_texts,
     text_vector,
@@ -18,6 +19,7 @@ from store_contract import (
     writer_commits_before_every_select,
 )
 
+from ragline.store.base import DEFAULT_TENANT, EVERYONE, Scope, SearchRequest
 from ragline.store.local import LocalStore
 
 
@@ -173,3 +175,66 @@ def test_a_version_3_manifest_gains_the_dependencies_column(data_dir):
     again.upsert_document(changed, [], np.zeros((0, 8), np.float32))
     assert again.documents()[0].dependencies == {"inc.md": "1:2"}
     again.close()
+
+
+def test_a_version_4_index_gains_access_with_every_document_readable_by_its_default_tenant(data_dir):
+    store = LocalStore(data_dir)
+    put(store, "a", [0, 1])
+    put(store, "b", [2])
+    store.close()
+    db = sqlite3.connect(data_dir / "store.sqlite")  # the tables as version 4 had them
+    db.execute("DROP TABLE access")
+    db.execute("DROP INDEX documents_tenant")
+    db.execute("ALTER TABLE documents DROP COLUMN tenant")
+    db.execute("ALTER TABLE documents DROP COLUMN groups")
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+
+    again = LocalStore(data_dir)
+    assert [(r.doc_id, r.tenant, r.groups) for r in again.documents()] == [
+        ("a", DEFAULT_TENANT, [EVERYONE]), ("b", DEFAULT_TENANT, [EVERYONE]),
+    ]
+    assert again.count(scope=Scope(DEFAULT_TENANT, frozenset({"eng"}))) == 3
+    assert again.search(dense(vector(0), 5, scope=Scope("acme", None))) == []
+    again.set_access("a", "acme", ["eng"])
+    assert {h.chunk.doc_id for h in again.search(dense(vector(0), 5, scope=Scope("acme", frozenset({"eng"}))))} == {"a"}
+    again.close()
+    assert LocalStore(data_dir).document("a").tenant == "acme"
+
+
+def traced(store: LocalStore) -> list[str]:
+    """The statements `store` runs from now on."""
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    return statements
+
+
+def test_what_a_scope_may_read_is_looked_up_once_per_state_of_the_index(data_dir):
+    writer, reader = LocalStore(data_dir), LocalStore(data_dir)
+    fill_owners(writer)
+    eng = Scope("acme", frozenset({"eng"}))
+    statements = traced(reader)
+    reader.search(dense(text_vector("q"), 5, scope=eng))
+    assert sum("FROM access" in sql for sql in statements) == 1
+    statements.clear()
+    for _ in range(3):
+        reader.search(dense(text_vector("q"), 5, scope=eng))
+    assert not any("FROM access" in sql for sql in statements)
+    writer.set_access("acme-eng", "acme", ["ops"])  # a new state: looked up again, by the new rule
+    assert "acme-eng" not in {h.chunk.doc_id for h in reader.search(dense(text_vector("q"), 50, scope=eng))}
+    assert sum("FROM access" in sql for sql in statements) == 1
+    writer.close(), reader.close()
+
+
+@pytest.mark.parametrize("mode", ["dense", "keyword", "hybrid"])
+def test_a_scope_that_reads_every_chunk_restricts_nothing(data_dir, mode):
+    store = LocalStore(data_dir)
+    for doc_id in ("a", "b"):
+        put_texts(store, doc_id, [f"tides of {doc_id}"])
+    statements = traced(store)
+    for scope in (Scope.everything(), Scope(DEFAULT_TENANT, frozenset({"eng"}))):  # every document is for everyone
+        request = SearchRequest(scope, text="tides", vector=text_vector("q"), mode=mode, k=5)
+        assert {hit.chunk.doc_id for hit in store.search(request)} == {"a", "b"}
+    assert not any("chunks_fts.rowid) IN" in sql for sql in statements)
+    store.close()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from store_contract import dense, pairing_errors, put_texts
 
+from ragline.store.base import EVERYONE, Scope
 from ragline.store.local import LocalStore
 
 DIM = 32
@@ -27,6 +28,9 @@ DOCS = 12
 WRITES = 300
 KILLS = 50
 WORKER_DEADLINE_S = 300
+OWNERS = [("t1", [EVERYONE]), ("t1", ["eng"]), ("t1", ["eng", "ops"]), ("t2", ["eng"]), ("t2", [])]
+"""Who may read a written document: its (tenant, groups), drawn at random and kept in its chunks' metadata."""
+SCOPES = [Scope("t1", frozenset({"eng"})), Scope("t1", frozenset()), Scope("t1", None), Scope("t2", frozenset({"ops"}))]
 
 
 def random_write(store: LocalStore, rng: np.random.Generator, version: int) -> str:
@@ -35,22 +39,27 @@ def random_write(store: LocalStore, rng: np.random.Generator, version: int) -> s
     if rng.random() < 0.2:
         store.delete_document(doc)
         return f"delete {doc}"
-    put_texts(store, doc, [f"{doc} v{version} c{i}" for i in range(int(rng.integers(0, 7)))], DIM)
+    tenant, groups = OWNERS[rng.integers(len(OWNERS))]
+    texts = [f"{doc} v{version} c{i}" for i in range(int(rng.integers(0, 7)))]
+    put_texts(store, doc, texts, DIM, owner=(tenant, groups), tenant=tenant, groups=groups)
     return f"replace {doc}"
 
 
-def random_query(rng: np.random.Generator) -> tuple[np.ndarray, int, dict | None]:
+def random_query(rng: np.random.Generator) -> tuple[np.ndarray, int, dict | None, Scope]:
     query = rng.standard_normal(DIM).astype(np.float32)
     wanted = sorted({f"d{i}" for i in rng.integers(DOCS, size=3)})
     filters = {"title": {"$in": wanted}} if rng.random() < 0.3 else None
-    return query / np.linalg.norm(query), int(rng.integers(1, 12)), filters
+    return query / np.linalg.norm(query), int(rng.integers(1, 12)), filters, SCOPES[rng.integers(len(SCOPES))]
 
 
 def search_errors(store: LocalStore, rng: np.random.Generator) -> list[str]:
     """One random search; what was wrong with its answer."""
-    query, k, filters = random_query(rng)
-    hits = store.search(dense(query, k, filters))
+    query, k, filters, scope = random_query(rng)
+    hits = store.search(dense(query, k, filters, scope))
     errors = pairing_errors(hits, query, k)
+    meta = [hit.chunk.metadata for hit in hits]  # the owner each chunk was written with, in the same commit
+    errors += [f"{m['title']} of {m['tenant']} {m['groups']} is outside {scope}" for m in meta
+               if not scope.allows(m["tenant"], m["groups"])]
     if filters:
         allowed = filters["title"]["$in"]
         errors += [f"{h.chunk.doc_id} is outside the filter {filters}" for h in hits if h.chunk.doc_id not in allowed]
@@ -61,7 +70,9 @@ def seed_store(data_dir: Path) -> None:
     store = LocalStore(data_dir)
     rng = np.random.default_rng(0)
     for doc in range(DOCS):
-        put_texts(store, f"d{doc}", [f"d{doc} v0 c{i}" for i in range(int(rng.integers(1, 7)))], DIM)
+        tenant, groups = OWNERS[doc % len(OWNERS)]
+        texts = [f"d{doc} v0 c{i}" for i in range(int(rng.integers(1, 7)))]
+        put_texts(store, f"d{doc}", texts, DIM, owner=(tenant, groups), tenant=tenant, groups=groups)
     store.persist()
     store.close()
 
@@ -120,7 +131,7 @@ def reference_hits(data_dir: Path, scratch: Path, queries: list) -> list[list[tu
     source.close(), copy.close()
     rebuilt = LocalStore(folder)
     try:
-        return [[(h.chunk.chunk_id, h.score) for h in rebuilt.search(dense(q, k, f))] for q, k, f in queries]
+        return [[(h.chunk.chunk_id, h.score) for h in rebuilt.search(dense(q, k, f, s))] for q, k, f, s in queries]
     finally:
         rebuilt.close()
 
@@ -130,11 +141,12 @@ def assert_store_answers_right(data_dir: Path, scratch: Path, rng: np.random.Gen
     queries = [random_query(rng) for _ in range(searches)]
     store = LocalStore(data_dir)
     try:
-        answers = [store.search(dense(q, k, f)) for q, k, f in queries]
+        answers = [store.search(dense(q, k, f, s)) for q, k, f, s in queries]
     finally:
         store.close()
-    for (query, k, _), hits in zip(queries, answers):
+    for (query, k, _, scope), hits in zip(queries, answers):
         assert pairing_errors(hits, query, k) == []
+        assert all(scope.allows(h.chunk.metadata["tenant"], h.chunk.metadata["groups"]) for h in hits)
     expected = reference_hits(data_dir, scratch, queries)
     for hits, reference in zip(answers, expected):
         assert [h.chunk.chunk_id for h in hits] == [chunk_id for chunk_id, _ in reference]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from store_contract import dense, ids, keyword, put_texts, record, text_vector, writer_commits_before_every_select
+from store_contract import (
+    EVERYTHING,
+    dense,
+    ids,
+    keyword,
+    put_texts,
+    record,
+    text_vector,
+    writer_commits_before_every_select,
+)
 
 from ragline.store import keywords
 from ragline.store.base import SearchRequest
@@ -97,9 +106,9 @@ def test_a_hybrid_search_fuses_exactly_what_its_halves_find_alone(store, method,
     fusion = Fusion(method=method, dense_weight=1.5)
     for text in ("tide orbit", "read_csv pool", "os.path.join"):
         vector = text_vector(text)
-        hybrid = store.search(SearchRequest(text=text, vector=vector, mode="hybrid", k=6, fusion=fusion,
+        hybrid = store.search(SearchRequest(EVERYTHING, text=text, vector=vector, mode="hybrid", k=6, fusion=fusion,
                                             filters=filters))
-        halves = [store.search(SearchRequest(text=text, vector=vector, mode=mode, k=6, filters=filters))
+        halves = [store.search(SearchRequest(EVERYTHING, text=text, vector=vector, mode=mode, k=6, filters=filters))
                   for mode in ("dense", "keyword")]
         expected = fuse(halves, (fusion.dense_weight, fusion.keyword_weight), method, fusion.rrf_k, 6)
         assert [(hit.chunk.chunk_id, hit.score) for hit in hybrid] == [(hit.chunk.chunk_id, hit.score) for hit in expected]
@@ -112,7 +121,7 @@ def test_a_hybrid_search_sees_one_committed_state(tmp_path):
     put_texts(writer, "b", ["b tide 0"])
     with writer_commits_before_every_select(reader, writer, lambda v: [f"a v{v} tide {i}" for i in range(1 + v % 4)]) as commits:
         for round_ in range(5):
-            request = SearchRequest(text="tide", vector=text_vector(f"query {round_}"), mode="hybrid", k=10,
+            request = SearchRequest(EVERYTHING, text="tide", vector=text_vector(f"query {round_}"), mode="hybrid", k=10,
                                     with_vectors=True)
             hits = reader.search(request)
             assert hits and len({hit.chunk.text.split()[1] for hit in hits if hit.chunk.doc_id == "a"}) == 1

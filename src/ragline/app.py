@@ -10,20 +10,30 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
 
 from ragline import registry
 from ragline.config import RerankSettings, RetrieveSettings, Settings
 from ragline.embed.base import Embedder
+from ragline.embed.batching import BatchingEmbedder
 from ragline.generate.answerer import Answerer
 from ragline.generate.base import LLM
 from ragline.ingest.chunker import Chunker
 from ragline.pipeline import Indexer, Progress
 from ragline.retrieve.rerank import Reranker
 from ragline.retrieve.retriever import Message, Retrieval, Retriever
-from ragline.store.base import Filters, VectorStore
+from ragline.store.base import Filters, Scope, VectorStore
 from ragline.types import Answer, AnswerEvent, Event, StatusEvent
+
+if TYPE_CHECKING:
+    from ragline.serve.cache import AnswerCache
+    from ragline.serve.db import Database
+    from ragline.serve.identity import Authenticator
+    from ragline.serve.jobs import JobRunner
+    from ragline.serve.limits import RateLimiter
+    from ragline.serve.observability import Metrics
 
 
 class Ragline:
@@ -35,7 +45,8 @@ class Ragline:
     @cached_property
     def embedder(self) -> Embedder:
         backend = registry.resolve("embedder", self.settings.embedder.backend)
-        return backend(self.settings.embedder)
+        embedder = backend(self.settings.embedder)
+        return BatchingEmbedder(embedder) if self.settings.embedder.batch_queries else embedder
 
     @cached_property
     def store(self) -> VectorStore:
@@ -76,6 +87,51 @@ class Ragline:
     def answerer(self) -> Answerer:
         return Answerer.from_settings(self.settings.generate, self.settings.data_dir, self.embedder)
 
+    # --- the service's parts (serve/): built here too, so `ragline keys` and the API share them ------
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        from ragline.serve.observability import Metrics
+
+        return Metrics()
+
+    @cached_property
+    def database(self) -> Database:
+        from ragline.serve.db import Database
+
+        return Database.from_settings(self.settings)
+
+    @cached_property
+    def redis(self) -> Any:
+        """The one Redis client of the rate limiter and the caches (None: in-process ones)."""
+        if not self.settings.serve.redis_url:
+            return None
+        from ragline.serve.limits import redis_client
+
+        return redis_client(self.settings.serve.redis_url)
+
+    @cached_property
+    def rate_limiter(self) -> RateLimiter:
+        backend = registry.resolve("rate_limiter", "redis" if self.redis is not None else "memory")
+        return backend.from_settings(self.settings, self.redis)
+
+    @cached_property
+    def answer_cache(self) -> AnswerCache:
+        backend = registry.resolve("answer_cache", "redis" if self.redis is not None else "memory")
+        return backend.from_settings(self.settings, self.redis)
+
+    @cached_property
+    def authenticator(self) -> Authenticator:
+        from ragline.serve.identity import Authenticator
+
+        return Authenticator(self.settings.serve.auth, self.database.keys)
+
+    @cached_property
+    def job_runner(self) -> JobRunner:
+        from ragline.serve.jobs import JobRunner
+
+        return JobRunner(self, self.database, self.metrics)
+
     def indexer(self, progress: Progress | None = None, wait_s: float | None = None) -> Indexer:
         """The indexer of this index; `wait_s` queues behind a running ingest for up to that long."""
         return Indexer(
@@ -84,32 +140,35 @@ class Ragline:
 
     def ask(
         self, question: str, k: int | None = None, filters: Filters | None = None,
-        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
+        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None, *, scope: Scope,
     ) -> Iterator[Event]:
-        """Answer a question from the index: stage status, answer tokens and checked claims, then the answer."""
+        """Answer a question from the passages `scope` may read: stage status, answer tokens and checked
+        claims, then the answer."""
         yield StatusEvent("retrieve")
-        retrieval = self.retriever.search(question, k, filters, options, history)
+        retrieval = self.retriever.search(question, k, filters, options, history, scope=scope)
         yield StatusEvent("generate", len(retrieval.hits))
         for event in self.answerer.stream(question, retrieval.hits):
             yield _with_retrieval(event, retrieval)
 
     def answer(
         self, question: str, k: int | None = None, filters: Filters | None = None,
-        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
+        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None, *, scope: Scope,
     ) -> Answer:
         """The final answer of `ask`."""
-        *_, final = self.ask(question, k, filters, options, history)
+        *_, final = self.ask(question, k, filters, options, history, scope=scope)
         assert isinstance(final, AnswerEvent)
         return final.answer
 
     async def aask(
         self, question: str, k: int | None = None, filters: Filters | None = None,
-        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None,
+        options: RetrieveSettings | None = None, history: Sequence[Message] | None = None, *, scope: Scope,
     ) -> AsyncIterator[Event]:
         """`ask` for the event loop: building components (a model may be loaded or assembled), retrieval,
         routing and prompt building run in worker threads; generation streams asynchronously."""
         yield StatusEvent("retrieve")
-        retrieval = await to_thread.run_sync(lambda: self.retriever.search(question, k, filters, options, history))
+        retrieval = await to_thread.run_sync(
+            lambda: self.retriever.search(question, k, filters, options, history, scope=scope)
+        )
         yield StatusEvent("generate", len(retrieval.hits))
         answerer = await to_thread.run_sync(lambda: self.answerer)
         async for event in answerer.astream(question, retrieval.hits):
@@ -127,7 +186,10 @@ class Ragline:
 
 
 def _with_retrieval(event: Event, retrieval: Retrieval) -> Event:
-    """The event, the final answer's timings led by retrieval's."""
+    """The event, the final answer's timings led by retrieval's, and its note led by retrieval's notes (a
+    step skipped or degraded: the answer says so)."""
     if isinstance(event, AnswerEvent):
-        event.answer.timings = {**retrieval.timings, **event.answer.timings}
+        answer = event.answer
+        answer.timings = {**retrieval.timings, **answer.timings}
+        answer.note = "; ".join(note for note in (*retrieval.notes, answer.note) if note)
     return event

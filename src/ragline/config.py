@@ -64,9 +64,20 @@ class _Strict(BaseModel):
 
 
 class SourceSettings(_Strict):
-    """A folder (or file) to index, and how to build the public URL of what is in it."""
+    """A folder (or file) to index, who may read it, and how to build the public URL of what is in it."""
 
     path: Path
+    name: str | None = Field(default=None, description="what `POST /v1/ingest` calls it (default: the folder's name)")
+    tenant: str = Field(default="default", min_length=1, max_length=64, description="the tenant its documents belong to")
+    groups: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description='access groups that may read its documents; "*" is everyone in the tenant',
+    )
+
+    @property
+    def label(self) -> str:
+        """Its name, or its folder's."""
+        return self.name or self.path.name
     url_template: str | None = Field(
         default=None,
         description="e.g. https://docs.example.org/{path}.html; {path} is the relative path without suffix",
@@ -83,6 +94,14 @@ class EmbedderSettings(_Strict):
     query_prefix: str = ""
     document_prefix: str = ""
     device: str = "cpu"
+    threads: int | None = Field(
+        default=None, ge=1, le=256,
+        description="CPU threads of one encode (local models); default: all cores, except 1 in `ragline serve`, "
+        "where many small requests encode side by side",
+    )
+    batch_queries: bool = Field(
+        default=True, description="embed queries that arrive together (concurrent requests) in one call"
+    )
     base_url: str | None = Field(default=None, description="OpenAI-compatible server, for backend openai")
     api_key: SecretStr | None = None
     dimensions: int | None = Field(default=None, description="vector size of a remote model")
@@ -316,9 +335,84 @@ class JudgeSettings(_Strict):
     temperature: float = Field(default=0.0, ge=0, le=2)
 
 
+class JWTSettings(_Strict):
+    """Bearer tokens from an identity provider: signature, exp, nbf, aud and iss checked."""
+
+    algorithm: Literal["HS256", "RS256"] = "HS256"
+    secret: SecretStr | None = Field(default=None, description="HS256: the shared secret")
+    public_key_file: Path | None = Field(default=None, description="RS256: the PEM public key")
+    jwks_file: Path | None = Field(default=None, description="RS256: a JWKS file (keys picked by the token's kid)")
+    audience: str | None = Field(default=None, description="required aud (unset: tokens with an aud are refused)")
+    issuer: str | None = Field(default=None, description="required iss")
+    tenant_claim: str = "tenant"
+    groups_claim: str = "groups"
+    admin_claim: str | None = Field(default=None, description="a claim that, when true, makes the caller an admin")
+    leeway_s: float = Field(default=30.0, ge=0, description="clock skew allowed on exp and nbf")
+
+    @model_validator(mode="after")
+    def _key_needed(self) -> JWTSettings:
+        if self.algorithm == "HS256" and self.secret is None:
+            raise ValueError("serve.auth.jwt: HS256 needs a secret")
+        if self.algorithm == "RS256" and not (self.public_key_file or self.jwks_file):
+            raise ValueError("serve.auth.jwt: RS256 needs public_key_file or jwks_file")
+        return self
+
+
+class AuthSettings(_Strict):
+    enabled: bool = Field(
+        default=False,
+        description="require an API key or JWT on every /v1 route; off only on loopback (or with --insecure)",
+    )
+    jwt: JWTSettings | None = None
+
+
+class RateSettings(_Strict):
+    """A token bucket: `rate_per_s` tokens come back each second, up to `burst`."""
+
+    rate_per_s: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+class RateLimitSettings(_Strict):
+    enabled: bool = True
+    per_key: RateSettings = Field(default_factory=lambda: RateSettings(rate_per_s=20, burst=60))
+    per_ip: RateSettings = Field(default_factory=lambda: RateSettings(rate_per_s=50, burst=100))
+    routes: dict[str, RateSettings] = Field(
+        default_factory=dict, description='per-key limits of single routes, e.g. {"/v1/query": {...}}'
+    )
+
+
+class CacheSettings(_Strict):
+    enabled: bool = True
+    ttl_s: int = Field(default=3600, ge=1, description="how long a cached answer lives")
+    semantic: bool = Field(default=True, description="also answer questions worded differently but close enough")
+    semantic_threshold: float = Field(default=0.95, gt=0, le=1, description="cosine similarity of the questions")
+    max_semantic_entries: int = Field(default=2000, ge=1, description="per tenant, groups and index version")
+
+
+class LimitSettings(_Strict):
+    """Input limits, checked before any work (clear 4xx messages)."""
+
+    max_body_mb: float = Field(default=1.0, gt=0, description="JSON request bodies")
+    max_upload_mb: float = Field(default=50.0, gt=0, description="uploaded documents")
+    upload_types: list[str] = Field(
+        default_factory=lambda: [".pdf", ".html", ".htm", ".md", ".markdown", ".rst", ".txt", ".docx", ".ipynb"],
+        description="file suffixes an upload may have",
+    )
+    max_query_chars: int = Field(default=2000, ge=1)
+    max_k: int = Field(default=50, ge=1, le=1000)
+
+
+class TelemetrySettings(_Strict):
+    traces: Literal["none", "console", "otlp"] = Field(default="none", description="where OpenTelemetry spans go")
+    otlp_endpoint: str | None = Field(default=None, description="e.g. http://collector:4318/v1/traces")
+    json_logs: bool = Field(default=True, description="one JSON object per log line, with the request id")
+
+
 class ServeSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64, description="server processes over one index")
     max_concurrent_generations: int = Field(
         default=2, ge=1, description="answers generated at once; a local model still writes one at a time"
     )
@@ -326,6 +420,24 @@ class ServeSettings(_Strict):
         default=16, ge=0, description="answers waiting for a turn; beyond that the API answers 503 with Retry-After"
     )
     busy_retry_after_s: int = Field(default=5, ge=1, description="the Retry-After of a 503 when the queue is full")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="deadline of one request, streams included")
+    database_url: str | None = Field(
+        default=None,
+        description="sessions, jobs, keys, feedback: e.g. postgresql+asyncpg://user@host/db "
+        "(default: SQLite in the data folder)",
+    )
+    redis_url: str | None = Field(
+        default=None, description="rate limits and answer caches, e.g. redis://127.0.0.1:6379/0 (default: in-process)"
+    )
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    history_tokens: int = Field(default=1500, ge=0, description="chat history kept for rewriting a follow-up")
+    job_lease_s: float = Field(
+        default=30.0, gt=0, description="a running ingest job whose server stops beating for this long is resumed"
+    )
 
 
 class Settings(BaseSettings):

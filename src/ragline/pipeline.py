@@ -6,7 +6,9 @@ file's chunks and manifest row are written in one store transaction, after
 its vectors exist, so a run killed at any point leaves every file either
 fully indexed in its old or its new version; re-running finishes the job and
 ends in the state of an uninterrupted run. One run at a time per index: the
-whole run holds `ingest.lock` in the data folder.
+whole run holds `ingest.lock` in the data folder. Each file is stored with
+its source's tenant and access groups; when only those change, the file's
+access is changed in place (`VectorStore.set_access`), not re-embedded.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     """What was left out of files that were indexed (an include outside the tree, say)."""
+    access_changed: list[str] = field(default_factory=list)
+    """Unchanged files given their source's new tenant or groups (not re-embedded; counted in `unchanged` too)."""
     unsupported: int = 0
     chunks: int = 0
     seconds: float = 0.0
@@ -279,11 +283,13 @@ class Indexer:
         indexed = known is not None and known.status in ("indexed", "skipped") and known.fingerprint == fingerprint
         indexed = indexed and not any(file_stamp(root / path) != stamp for path, stamp in known.dependencies.items())
         if indexed and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            self._sync_access(known, source, report)
             report.unchanged += 1
             return None
         record = DocumentRecord(
             doc_id=doc_id, source=printable(item.path), root=printable(root), size=stat.st_size,
-            mtime_ns=stat.st_mtime_ns, sha256="", fingerprint=fingerprint,
+            mtime_ns=stat.st_mtime_ns, sha256="", fingerprint=fingerprint, tenant=source.tenant,
+            groups=list(source.groups),
         )
         try:
             data = self._read(item.path, stat.st_size)
@@ -293,10 +299,18 @@ class Indexer:
         record.sha256 = hashlib.sha256(data).hexdigest()
         if indexed and known.sha256 == record.sha256:
             self.store.touch_document(doc_id, stat.st_size, stat.st_mtime_ns)  # touched, not changed
+            self._sync_access(known, source, report)
             report.unchanged += 1
             return None
         url = file_url(item.path, item.relative, source.url_template)
         return _Candidate(record, is_new=known is None), ParseJob(doc_id, item.relative, url, data, root=str(root))
+
+    def _sync_access(self, known: DocumentRecord, source: SourceSettings, report: IngestReport) -> None:
+        """Give an unchanged file its source's tenant and groups when they changed: access is no part
+        of the fingerprint, so who may read a file changes without re-embedding it."""
+        if known.tenant != source.tenant or set(known.groups) != set(source.groups):
+            self.store.set_access(known.doc_id, source.tenant, source.groups)
+            report.access_changed.append(known.source)
 
     def _read(self, path: Path, size: int) -> bytes:
         limit = int(self.settings.max_file_mb * 1024 * 1024)

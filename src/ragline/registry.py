@@ -29,6 +29,14 @@ BUILTIN: dict[str, dict[str, str]] = {
         "llama-cpp": "ragline.generate.local:LlamaCppLLM",
         "openai": "ragline.generate.openai_compat:OpenAICompatLLM",
     },
+    "rate_limiter": {
+        "redis": "ragline.serve.limits:RedisRateLimiter",
+        "memory": "ragline.serve.limits:MemoryRateLimiter",
+    },
+    "answer_cache": {
+        "redis": "ragline.serve.cache:RedisAnswerCache",
+        "memory": "ragline.serve.cache:MemoryAnswerCache",
+    },
 }
 
 

@@ -55,6 +55,7 @@ class BarProgress:
 FILTER_OPTION = typer.Option("--filter", help="metadata filter field=value (repeatable)")
 MODE_OPTION = typer.Option("--mode", help="dense, keyword or hybrid (default: retrieve.mode)")
 RERANK_OPTION = typer.Option("--rerank", help="none, cross-encoder, http or llm (default: retrieve.rerank.backend)")
+TENANT_OPTION = typer.Option("--tenant", help="search the documents of this tenant (all of its groups)")
 RETRIEVE_OPTION = typer.Option(
     "--retrieve", help="any retrieval setting for this call, e.g. mmr_lambda=0.7 or transforms.hyde=true (repeatable)"
 )

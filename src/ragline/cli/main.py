@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,10 +17,12 @@ from rich.table import Table
 
 from ragline.app import Ragline
 from ragline.cli.common import (
-    FILTER_OPTION, MODE_OPTION, RERANK_OPTION, RETRIEVE_OPTION, BarProgress, State, err, out, parse_filters,
-    retrieve_overrides,
+    FILTER_OPTION, MODE_OPTION, RERANK_OPTION, RETRIEVE_OPTION, TENANT_OPTION, BarProgress, State, err, out,
+    parse_filters, retrieve_overrides,
 )
+from ragline.cli.cache import cache_cli
 from ragline.cli.eval import eval_cli
+from ragline.cli.keys import keys_cli
 from ragline.cli.tune import tune_command
 from ragline.config import ConfigError, SourceSettings
 from ragline.embed.base import EmbedderError
@@ -25,7 +30,7 @@ from ragline.generate.base import LLMError
 from ragline.pipeline import IngestError, IngestReport
 from ragline.registry import UnknownComponentError
 from ragline.retrieve.retriever import Retrieval, RetrievalError
-from ragline.store.base import StoreError
+from ragline.store.base import DEFAULT_TENANT, Scope, StoreError
 from ragline.types import AnswerEvent, StatusEvent, TokenEvent
 
 EXIT_RUN_FAILED = 1
@@ -46,6 +51,8 @@ cli.add_typer(router_cli, name="router")
 llm_cli = typer.Typer(help="The configured LLM.", no_args_is_help=True)
 cli.add_typer(llm_cli, name="llm")
 cli.add_typer(eval_cli, name="eval")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(cache_cli, name="cache")
 
 
 @cli.callback()
@@ -81,6 +88,19 @@ def _print_report(report: IngestReport) -> None:
         out.print(f"[dim]note[/dim] {escape(path)}: {escape(note)}")
 
 
+def _explicit_source(path: Path, url_template: str | None, configured: list[SourceSettings]) -> SourceSettings:
+    """A PATH argument as a source: inside a configured source it keeps that source's tenant and groups, so
+    re-indexing a folder by hand never changes who may read it."""
+    resolved = path.expanduser().resolve()
+    holders = [
+        source for source in configured
+        if resolved == (root := source.path.expanduser().resolve()) or root in resolved.parents
+    ]
+    owner = max(holders, key=lambda source: len(source.path.expanduser().resolve().parts), default=None)
+    access = {"tenant": owner.tenant, "groups": owner.groups} if owner else {}
+    return SourceSettings(path=path, url_template=url_template, **access)
+
+
 @cli.command()
 def ingest(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="folders or files (default: ingest.sources)")] = None,
@@ -98,10 +118,11 @@ def ingest(
     """Index folders incrementally: new and changed files are (re)indexed, deleted ones removed.
 
     Without PATHs, the folders of ingest.sources are synced and files of folders no longer
-    listed there are removed; with PATHs, only those folders are synced.
+    listed there are removed; with PATHs, only those folders are synced (a PATH inside a configured
+    source keeps its tenant and groups; any other goes to the default tenant, for everyone in it).
     """
     settings = State.settings()
-    explicit = [SourceSettings(path=p, url_template=url_template) for p in paths or []]
+    explicit = [_explicit_source(p, url_template, settings.ingest.sources) for p in paths or []]
     sources = explicit or settings.ingest.sources
     if not sources:
         raise ConfigError("nothing to ingest: give PATH arguments or set ingest.sources in the config")
@@ -150,6 +171,7 @@ def search(
     mode: Annotated[Optional[str], MODE_OPTION] = None,
     rerank: Annotated[Optional[str], RERANK_OPTION] = None,
     retrieve: Annotated[Optional[list[str]], RETRIEVE_OPTION] = None,
+    tenant: Annotated[str, TENANT_OPTION] = DEFAULT_TENANT,
 ) -> None:
     """Find the passages that answer a question, each cited by its section URL."""
     if (query is None) == (queries is None):
@@ -164,7 +186,7 @@ def search(
     app = Ragline(settings)
     try:
         wanted = parse_filters(filters, app.store.filter_fields())  # before the model loads: bad input fails fast
-        results = app.retriever.search_many(texts, k, wanted, options)
+        results = app.retriever.search_many(texts, k, wanted, options, scope=Scope.everything(tenant))
     finally:
         app.close()
     for result in results:
@@ -184,6 +206,7 @@ def ask(
     mode: Annotated[Optional[str], MODE_OPTION] = None,
     rerank: Annotated[Optional[str], RERANK_OPTION] = None,
     retrieve: Annotated[Optional[list[str]], RETRIEVE_OPTION] = None,
+    tenant: Annotated[str, TENANT_OPTION] = DEFAULT_TENANT,
 ) -> None:
     """Answer a question from the indexed documents, with [n] citations to their sections."""
     settings = State.settings()
@@ -193,7 +216,8 @@ def ask(
     final: dict = {}
     streamed = False
     try:
-        for event in app.ask(question, k, parse_filters(filters, app.store.filter_fields()), options):
+        wanted = parse_filters(filters, app.store.filter_fields())
+        for event in app.ask(question, k, wanted, options, scope=Scope.everything(tenant)):
             if isinstance(event, TokenEvent) and live:
                 out.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
                 streamed = True
@@ -325,8 +349,13 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="print JSON"
 def serve(
     host: Annotated[Optional[str], typer.Option(help="bind address (default: serve.host)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default: serve.port)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=64, help="server processes (default: serve.workers)")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="listen beyond loopback with authentication off (anyone may read all)")
+    ] = False,
 ) -> None:
-    """Serve the HTTP API (POST /v1/search, /v1/query, /v1/query/stream; GET /healthz, /readyz)."""
+    """Serve the HTTP API under /v1 (search, query, chat, OpenAI-compatible chat completions, documents, jobs,
+    feedback) with /healthz, /readyz and /metrics; OpenAPI docs at /docs."""
     try:
         import uvicorn
 
@@ -334,7 +363,41 @@ def serve(
     except ImportError as exc:
         raise ConfigError("the API needs the serve extra: pip install 'ragline[serve]'") from exc
     settings = State.settings()
-    uvicorn.run(create_app(settings), host=host or settings.serve.host, port=port or settings.serve.port)
+    bind = host or settings.serve.host
+    if not settings.serve.auth.enabled and not is_loopback(bind) and not insecure:
+        raise ConfigError(
+            f"refusing to listen on {bind} with authentication off: anyone who reaches the port could read every "
+            "document. Turn on serve.auth.enabled (and create keys with `ragline keys create`), bind 127.0.0.1, "
+            "or pass --insecure"
+        )
+    count = workers or settings.serve.workers
+    port = port or settings.serve.port
+    if settings.embedder.threads is None:  # a server encodes many small requests at once: one thread each
+        os.environ["RAGLINE_EMBEDDER__THREADS"] = "1"
+        settings = settings.model_copy(update={"embedder": settings.embedder.model_copy(update={"threads": 1})})
+    if count == 1:
+        uvicorn.run(create_app(settings), host=bind, port=port, log_config=None, access_log=False)
+        return
+    # Several processes: each builds its app from the same config file, and their metrics meet in one folder.
+    if State.config_file is not None:
+        os.environ["RAGLINE_CONFIG"] = str(State.config_file.resolve())
+    metrics_dir = settings.data_dir / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    uvicorn.run(
+        "ragline.serve.api:create_app_from_env", factory=True, host=bind, port=port, workers=count, log_config=None,
+        access_log=False,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @config_cli.command("show")

@@ -46,6 +46,11 @@ class SentenceTransformerEmbedder:
                 "sentence-transformers is not installed: `pip install 'ragline[local]'`"
             ) from exc
         transformers_logging.disable_progress_bar()  # no "Loading weights" bar on every command
+        if settings.threads is not None:
+            import torch
+
+            # For one short query, two threads on two busy cores take ~10x longer than one (spinning workers).
+            torch.set_num_threads(settings.threads)
         self._model = SentenceTransformer(str(model_dir), device=settings.device)
         self.name = settings.model if not Path(settings.model).is_dir() else model_dir.name
         self.dim = int(self._model.get_embedding_dimension())

@@ -24,6 +24,7 @@ from ragline.evaluate.matching import same_page
 from ragline.evaluate.records import Progress, ResultsFile, Silent, config_hash, pending, question_key
 from ragline.generate.answerer import build_llm
 from ragline.generate.base import LLMError
+from ragline.store.base import Scope
 
 
 def judge_from_settings(settings: Settings) -> Judge:
@@ -148,7 +149,7 @@ def evaluate_answers(
     todo, total = pending(questions, done)
     progress.start(total, total - len(todo))
     for item in todo:
-        record = grade(judge, item, app.answer(item["question"], options=options).to_dict())
+        record = grade(judge, item, app.answer(item["question"], options=options, scope=Scope.everything()).to_dict())
         log.append(record)
         done[question_key(item)] = record
         progress.advance()

@@ -20,6 +20,7 @@ from ragline.config import RetrieveSettings
 from ragline.evaluate.matching import same_page, same_section
 from ragline.evaluate.metrics import DEPTH, first_rank, rank_metrics
 from ragline.evaluate.records import Progress, ResultsFile, Silent, config_hash, pending, question_key
+from ragline.store.base import Scope
 from ragline.types import Hit
 
 
@@ -89,7 +90,9 @@ def evaluate_retrieval(
     progress.start(total, total - len(todo))
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        found = app.retriever.search_many([item["question"] for item in batch], k=DEPTH, options=options)
+        found = app.retriever.search_many(
+            [item["question"] for item in batch], k=DEPTH, options=options, scope=Scope.everything()
+        )
         for item, retrieval in zip(batch, found):
             record = judge_ranking(item, retrieval.hits)
             log.append(record)

@@ -44,7 +44,7 @@ from ragline.evaluate.retrieval import RetrievalReport, evaluate_retrieval
 from ragline.evaluate.synthetic import generate_questions, heuristic_pairs
 from ragline.generate.base import LLM
 from ragline.retrieve.rerank import CROSS_ENCODER_BATCH
-from ragline.store.base import SearchRequest, VectorStore
+from ragline.store.base import Scope, SearchRequest, VectorStore
 from ragline.types import Chunk
 
 if TYPE_CHECKING:
@@ -115,8 +115,9 @@ def mine_negatives(
     mined = []
     for done, (pair, vector) in enumerate(zip(usable, vectors), 1):
         positive = chunks_by_id[pair["chunk_id"]]
-        keyword = store.search(SearchRequest(text=pair["question"], mode="keyword", k=k))
-        dense = store.search(SearchRequest(text=pair["question"], vector=vector, mode="dense", k=k))
+        everything = Scope.everything()
+        keyword = store.search(SearchRequest(everything, text=pair["question"], mode="keyword", k=k))
+        dense = store.search(SearchRequest(everything, text=pair["question"], vector=vector, mode="dense", k=k))
         negatives: dict[str, Chunk] = {}
         for hit in _interleave(keyword, dense):
             if len(negatives) == per_question:

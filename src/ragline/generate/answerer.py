@@ -15,6 +15,7 @@ them in a worker thread: the event loop only relays pieces.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -24,13 +25,16 @@ from typing import TYPE_CHECKING
 from anyio import to_thread
 
 from ragline import registry
+from ragline.embed.base import EmbedderError
 from ragline.generate.base import LLM, LLMError, Usage
-from ragline.generate.context import ContextSelector
+from ragline.generate.context import Context, ContextSelector
 from ragline.generate.extractive import ExtractiveAnswerer
 from ragline.generate.prompt import CITATION_RUN, NO_ANSWER, Prompt, build_prompt, check_citations, citation
 from ragline.generate.verify import DEFAULT_MIN_RELEVANCE, Verifier, build_scorer, split_claims
 from ragline.config import GenerateSettings, LLMSettings
 from ragline.types import Answer, AnswerEvent, ClaimEvent, Hit, TokenEvent
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ragline.embed.base import Embedder
@@ -96,6 +100,9 @@ class _Turn:
             context = answerer.selector.select(self.question, self.hits, count_tokens, confidence=threshold is not None)
         except LLMError as exc:  # e.g. a local model that cannot be loaded to count tokens
             return self.failed(exc)
+        except EmbedderError as exc:  # an embedding service down: the model reads whole passages, unscored
+            log.warning("passages not scored for relevance: %s", exc)
+            context = Context.whole(self.hits)
         if threshold is not None and context.confidence is not None and context.confidence < threshold:
             note = NOT_RELEVANT.format(confidence=context.confidence, threshold=threshold)
             model = self.llm.name if self.llm is not None else answerer.extractive.name
@@ -295,7 +302,12 @@ class Answerer:
         ones; withheld (abstained) when `abstain` is on and no claim is supported."""
         if self.verifier is None:
             return answer
-        check = self.verifier.verify(answer.text, answer.hits)
+        try:
+            check = self.verifier.verify(answer.text, answer.hits)
+        except EmbedderError as exc:  # the answer stands, unchecked, and says so
+            log.warning("claims not checked: %s", exc)
+            answer.note = "; ".join(note for note in (answer.note, f"claims not checked: {exc}") if note)
+            return answer
         answer.text, answer.claims, answer.supported_share = check.text, check.claims, check.supported_share
         answer.citations = [citation(n, answer.hits[n - 1]) for n in check.cited]
         answer.grounded = check.grounded

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ragline.config import RerankSettings, RetrieveSettings
-from ragline.embed.base import Embedder
+from ragline.embed.base import Embedder, EmbedderUnavailable
 from ragline.retrieve import assemble, transform
 from ragline.retrieve.rerank import Reranker, RerankError
-from ragline.store.base import Filters, SearchRequest, VectorStore
+from ragline.store.base import Filters, Scope, SearchRequest, VectorStore
 from ragline.store.fusion import Fusion, fuse
 from ragline.types import Hit
 
@@ -97,8 +97,10 @@ class Retriever:
         filters: Filters | None = None,
         options: RetrieveSettings | None = None,
         history: Sequence[Message] | None = None,
+        *,
+        scope: Scope,
     ) -> Retrieval:
-        return self.search_many([query], k, filters, options, history)[0]
+        return self.search_many([query], k, filters, options, history, scope=scope)[0]
 
     def search_many(
         self,
@@ -107,8 +109,11 @@ class Retriever:
         filters: Filters | None = None,
         options: RetrieveSettings | None = None,
         history: Sequence[Message] | None = None,
+        *,
+        scope: Scope,
     ) -> list[Retrieval]:
-        """Search each query (k defaults to top_k, at least 1); embeddings are computed in one batch."""
+        """Search each query within `scope` (k defaults to top_k, at least 1); embeddings are computed in one
+        batch. Neighbour expansion reads only the documents of hits, so it stays within the scope too."""
         options = options or self.settings
         k = options.top_k if k is None else k
         if k < 1:
@@ -123,7 +128,13 @@ class Retriever:
         started = time.perf_counter()
         vectors = iter([])
         if options.mode != "keyword":
-            vectors = iter(self.embedder.embed_queries([text for plan in plans for text in plan.dense_texts]))
+            try:
+                vectors = iter(self.embedder.embed_queries([text for plan in plans for text in plan.dense_texts]))
+            except EmbedderUnavailable as exc:  # the keyword index still answers: degrade, say so
+                log.warning("keyword search only: %s", exc)
+                options = options.model_copy(update={"mode": "keyword"})
+                for plan in plans:
+                    plan.notes.append(f"the embedding model is unavailable, so this was a keyword search: {exc}")
         embed_ms = _ms_since(started) / max(len(queries), 1)
 
         fusion = Fusion(**options.fusion.model_dump())
@@ -134,7 +145,7 @@ class Retriever:
             lists = []
             for keyword_text, _ in zip(plan.keyword_texts, plan.dense_texts):
                 request = SearchRequest(
-                    text=keyword_text, vector=next(vectors, None), mode=options.mode, filters=filters,
+                    scope=scope, text=keyword_text, vector=next(vectors, None), mode=options.mode, filters=filters,
                     k=candidates, fusion=fusion, with_vectors=options.mmr_lambda is not None,
                 )
                 lists.append(self.store.search(request))

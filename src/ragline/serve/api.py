@@ -1,11 +1,16 @@
-"""The FastAPI application factory.
+"""The FastAPI application factory: the multi-tenant service under `/v1`.
 
-Handlers are async and never block the event loop: embedding, search, routing
-and prompt building run in worker threads, generation streams from one, and
-the models load at startup in a thread while `/readyz` reports their state.
-Answers are generated under a bounded queue: beyond it a 503 with
-`Retry-After`, never a frozen server. A client that leaves mid-stream cancels
-its generation, which frees the model for the next one.
+Every `/v1` route authenticates its caller (an API key or a JWT; anonymous
+admin of the default tenant when `serve.auth.enabled` is off), charges it to
+its key and address (429 with `Retry-After` beyond the limits), and reads
+only what the caller's scope allows: the scope goes into every store query.
+
+Handlers are async and never block the event loop: embedding, search and
+database work run in worker threads or async drivers, generation streams
+from one, and the models load at startup in a thread while `/readyz`
+reports their state. Answers are generated under a bounded queue: beyond it
+a 503 with `Retry-After`. A client that leaves mid-stream cancels its
+generation. Answers stream as NDJSON or server-sent events by `Accept`.
 
 Every error is JSON `{"code", "message"}` with no stack trace and no host path.
 """
@@ -15,99 +20,133 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragline import __version__
 from ragline.app import Ragline
-from ragline.config import ConfigError, RetrieveSettings, Settings, retrieve_options
+from ragline.config import ConfigError, RetrieveSettings, Settings, load_settings, retrieve_options
 from ragline.retrieve.retriever import RetrievalError
-from ragline.serve.readiness import Admission, GenerationQueue, Readiness, Unavailable, without_host_paths
+from ragline.serve.documents import documents_router
+from ragline.serve.identity import AuthError, Principal
+from ragline.serve.jobs import UploadError
+from ragline.serve.models import (
+    AnswerOut,
+    ChatRequest,
+    CompletionOut,
+    CompletionRequest,
+    ErrorOut,
+    PageLimit,
+    PageOffset,
+    SearchRequest,
+    SearchResponse,
+    SessionDetail,
+    SessionOut,
+)
+from ragline.serve.observability import RequestContextMiddleware, configure_logging, configure_tracing, stage
+from ragline.serve.readiness import Readiness, Unavailable, without_host_paths
+from ragline.serve.service import (
+    ApiError,
+    Caller,
+    Service,
+    error_event,
+    final_answer,
+    not_found,
+    public_hit,
+    trim_history,
+)
 from ragline.store.base import FilterError, StoreError, check_filters
-from ragline.types import AnswerEvent
 
 log = logging.getLogger(__name__)
 
-
-class ChatTurn(BaseModel):
-    role: Literal["user", "assistant"]
-    content: str = Field(max_length=8000)
-
-
-class SearchRequest(BaseModel):
-    query: str = Field(min_length=1, max_length=4000)
-    k: int | None = Field(default=None, ge=1, le=100, description="passages (default: retrieve.top_k)")
-    filters: dict[str, Any] | None = Field(
-        default=None, description='metadata filters: {"format": "pdf"} or {"source": {"$in": [...]}}'
-    )
-    options: dict[str, Any] | None = Field(
-        default=None,
-        description='retrieval settings for this request, e.g. {"mode": "keyword", "rerank": {"backend": "llm"}}',
-    )
-    history: list[ChatTurn] | None = Field(
-        default=None, max_length=50, description="the conversation so far; a follow-up is rewritten to stand alone"
-    )
-
-    def turns(self) -> list[dict[str, str]] | None:
-        return [turn.model_dump() for turn in self.history] if self.history else None
-
-
-class HitOut(BaseModel):
-    score: float
-    text: str
-    title: str
-    url: str
-    source: str
-    heading_path: list[str]
-    page: int | None
-    chunk_id: str
-
-
-class SearchResponse(BaseModel):
-    query: str = Field(description="the question searched (a follow-up rewritten to stand alone)")
-    hits: list[HitOut]
-    timings: dict[str, float]
-    notes: list[str] = Field(default_factory=list, description="steps skipped, e.g. a reranker that was down")
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+PING_TIMEOUT_S = 2.0
+UPLOAD_SLACK = 1 << 20
+"""Bytes a multipart upload may carry beyond the file itself (boundaries, form fields)."""
+ERRORS = {status: {"model": ErrorOut} for status in (401, 403, 404, 413, 422, 429, 503)}
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"code": code, "message": without_host_paths(message)}, status_code=status, headers=headers)
 
 
-def _error_event(code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": without_host_paths(message)}
+class BodyLimit:
+    """Refuse request bodies over the limits (413) before the app reads them all: by Content-Length when
+    given, else as the bytes arrive. Uploads have their own, larger limit."""
+
+    def __init__(self, app: ASGIApp, max_body: int, max_upload: int) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_upload = max_upload
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        upload = scope["path"] == "/v1/documents"
+        limit = self.max_upload + UPLOAD_SLACK if upload else self.max_body
+        what = "upload (serve.limits.max_upload_mb)" if upload else "request body (serve.limits.max_body_mb)"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, what, limit)
+            return
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _TooLarge
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send, what, limit)
+
+    @staticmethod
+    async def _refuse(send: Send, what: str, limit: int) -> None:
+        response = error_response(413, "too_large", f"the {what} is over its limit of {limit / 1048576:g} MB")
+        await response({"type": "http"}, _no_body, send)
 
 
-def _public(event: dict[str, Any]) -> dict[str, Any]:
-    """An answer event as clients see it: notes may quote errors, which may name host paths."""
-    if event.get("note"):
-        event["note"] = without_host_paths(event["note"])
-    return event
+class _TooLarge(Exception):
+    pass
 
 
-class _AnswerStream(StreamingResponse):
-    """A stream that stops generating when the client leaves and always gives its queue place back.
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
 
-    Starlette cancels the body when the client disconnects; closing the body
-    here as well covers a stream that never started, and the place in the
-    queue is released whatever happened.
-    """
 
-    def __init__(self, lines: AsyncGenerator[str, None], admission: Admission):
-        super().__init__(lines, media_type="application/x-ndjson")
+class _EventStream(StreamingResponse):
+    """A stream that stops generating when the client leaves and always closes its events (freeing the
+    generation queue place): Starlette cancels the body on disconnect; closing here covers the rest."""
+
+    def __init__(self, lines: AsyncGenerator[str, None], media_type: str, headers: dict[str, str] | None = None):
+        super().__init__(lines, media_type=media_type, headers=headers)
         self._lines = lines
-        self._admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -115,7 +154,56 @@ class _AnswerStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self._lines.aclose()
-            self._admission.release()
+
+
+def wants(request: Request) -> str:
+    accept = request.headers.get("accept", "")
+    if SSE in accept:
+        return SSE
+    return NDJSON if NDJSON in accept else "application/json"
+
+
+def _line(event: dict[str, Any], media_type: str) -> str:
+    if media_type == SSE:
+        return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n"
+    return json.dumps(event) + "\n"
+
+
+ERROR_STATUS = {"timeout": 504, "index_unavailable": 503, "internal_error": 500}
+
+
+async def respond(events: AsyncGenerator[dict[str, Any], None], media_type: str) -> Response:
+    """The answer as JSON (when complete), or streamed as NDJSON or SSE.
+
+    The first event is awaited before the response starts, so a full queue
+    or a missing component is still a proper 503, not an error mid-stream.
+    """
+    if media_type == "application/json":
+        final = await final_answer(events)
+        if final.get("type") == "error":
+            return error_response(ERROR_STATUS.get(final["code"], 503), final["code"], final["message"])
+        return JSONResponse({name: value for name, value in final.items() if name != "type"})
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def lines() -> AsyncGenerator[str, None]:
+        try:
+            if first is not None:
+                yield _line(first, media_type)
+            async for event in events:
+                yield _line(event, media_type)
+        except Exception as exc:  # the status line has gone out: report in the stream, log the rest
+            log.error("streamed answer failed", exc_info=exc)
+            yield _line(error_event("internal_error", "the server failed on this request"), media_type)
+        finally:
+            await events.aclose()
+
+    return _EventStream(lines(), media_type, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _load_components(ragline: Ragline, ready: Readiness) -> None:
@@ -142,30 +230,85 @@ def _load_components(ragline: Ragline, ready: Readiness) -> None:
         ready.load("cheap_llm", lambda: answerer.cheap_llm.name if answerer.cheap_llm else "")
 
 
+async def _ping(check: Any) -> dict[str, str]:
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            await check()
+    except Exception as exc:
+        return {"status": "failed", "reason": without_host_paths(str(exc) or type(exc).__name__)[:300]}
+    return {"status": "ready"}
+
+
 def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI:
-    """Build the API over the components of the composition root (built from `settings` if not given)."""
+    """Build the API over the components of the composition root (built from `settings` if not given;
+    given components bring their own settings)."""
     ragline = components or Ragline(settings)
+    settings = ragline.settings
     serve = settings.serve
     names = ["store", "embedder", "llm"]
     if settings.generate.router.enabled:
         names.append("cheap_llm")
     ready = Readiness(names, retry_after_s=serve.busy_retry_after_s)
-    queue = GenerationQueue(serve.max_concurrent_generations, serve.max_queued_generations, serve.busy_retry_after_s)
+    service = Service.build(ragline, ready)
+    metrics = service.metrics
+    configure_logging(serve.telemetry.json_logs)
+    configure_tracing(serve.telemetry)  # here, in each worker process: exporter threads do not survive a fork
+    migrated = service.migrated
+    migration_error = ""
+
+    async def migrate_until_done() -> None:
+        """Bring the service database up to date, retrying while it is down (/readyz says so meanwhile)."""
+        nonlocal migration_error
+        while True:
+            try:
+                await service.db.migrate()
+            except Exception as exc:
+                migration_error = without_host_paths(str(exc) or type(exc).__name__)[:300]
+                log.warning("the service database is not reachable; retrying in 5 s", exc_info=True)
+                await asyncio.sleep(5)
+                continue
+            migrated.set()
+            service.runner.start()
+            return
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.ensure_future(
-            to_thread.run_sync(_load_components, ragline, ready, abandon_on_cancel=True)
-        )
+        loading = asyncio.ensure_future(to_thread.run_sync(_load_components, ragline, ready, abandon_on_cancel=True))
+        migrating = asyncio.create_task(migrate_until_done())
         try:
             yield
         finally:
             loading.cancel()
+            migrating.cancel()
+            await service.runner.stop()
+            for close in (service.cache.close, service.limiter.close, service.db.close):
+                try:
+                    await close()
+                except Exception:
+                    log.warning("closing a service client failed", exc_info=True)
             ragline.close()
 
-    api = FastAPI(title="Ragline", version=__version__, lifespan=lifespan)
-    api.state.readiness = ready
-    api.state.generations = queue
+    api = FastAPI(
+        title="Ragline", version=__version__, lifespan=lifespan,
+        description="Answers with verified citations from your documents, scoped to what each caller may read.",
+    )
+    api.state.service = service
+    api.add_middleware(BodyLimit, max_body=int(serve.limits.max_body_mb * 1048576),
+                       max_upload=int(serve.limits.max_upload_mb * 1048576))
+    api.add_middleware(RequestContextMiddleware, metrics=metrics)
+
+    @api.exception_handler(ApiError)
+    async def refused(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @api.exception_handler(AuthError)
+    async def unauthenticated(_: Request, exc: AuthError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, headers)
+
+    @api.exception_handler(UploadError)
+    async def bad_upload(_: Request, exc: UploadError) -> JSONResponse:
+        return error_response(exc.status, exc.code, str(exc))
 
     @api.exception_handler(Unavailable)
     async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
@@ -197,95 +340,242 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
     async def index_unavailable(_: Request, exc: Exception) -> JSONResponse:
         return error_response(503, "index_unavailable", str(exc))
 
+    @api.exception_handler(TimeoutError)
+    async def timed_out(_: Request, exc: TimeoutError) -> JSONResponse:
+        return error_response(504, "timeout", f"no result within {serve.request_timeout_s:g} s (serve.request_timeout_s)")
+
     @api.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", "the server failed on this request; its log has the details")
 
-    async def checked_filters(request: SearchRequest) -> None:
-        """Reject unknown fields and malformed operands (a 422 naming the known fields) before any work."""
+    async def checked(request: SearchRequest | ChatRequest, text: str) -> RetrieveSettings | None:
+        """Input limits, filters and options, checked before any work (422 naming the problem)."""
+        service.check_question(text, request.k)
         if request.filters:
             fields = await to_thread.run_sync(ragline.store.filter_fields)
             check_filters(request.filters, fields)
+        return retrieve_options(settings.retrieve, request.options) if request.options else None
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        """Liveness, answered while models load and answers generate; `answers_in_flight` counts the answers
-        generating or waiting for a turn."""
-        chunks = None
-        if ready.components["store"].status == "ready":
-            chunks = await to_thread.run_sync(ragline.store.count)
-        return {
-            "status": "ok",
-            "version": __version__,
-            "chunks": chunks,
-            "embedder": settings.embedder.model,
-            "answers_in_flight": queue.admitted,
-        }
+        """Liveness, answered while models load and answers generate (no index content: no authentication)."""
+        return {"status": "ok", "version": __version__, "answers_in_flight": service.queue.admitted}
 
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
-        """Each component loading, ready or failed (with why); 503 until the API can answer."""
+        """Each component (store, embedder, LLM, database, Redis) loading, ready or failed, with why;
+        503 until the API can answer. Redis down degrades (no caches, limits per process), it does not fail."""
         report = ready.report()
-        status = 200 if report["status"] in ("ready", "degraded") else 503
-        headers = {"Retry-After": str(serve.busy_retry_after_s)} if status == 503 else None
-        return JSONResponse(report, status_code=status, headers=headers)
+        components = report["components"]
+        if migrated.is_set():
+            components["database"] = await _ping(service.db.ping)
+        elif migration_error:
+            components["database"] = {"status": "failed", "reason": migration_error}
+        else:
+            components["database"] = {"status": "loading", "reason": "bringing the schema up to date"}
+        if serve.redis_url:
+            components["redis"] = await _ping(service.cache.ping)
+        status = report["status"]
+        if components["database"]["status"] != "ready":
+            status = "failed" if components["database"]["status"] == "failed" else status
+            status = "loading" if status == "ready" else status
+        elif components.get("redis", {}).get("status") == "failed" and status == "ready":
+            status = "degraded"
+        code = 200 if status in ("ready", "degraded") else 503
+        headers = {"Retry-After": str(serve.busy_retry_after_s)} if code == 503 else None
+        return JSONResponse({"status": status, "components": components}, status_code=code, headers=headers)
 
-    def options(request: SearchRequest) -> RetrieveSettings | None:
-        """The request's retrieval options over the config's (a 422 naming the bad option)."""
-        return retrieve_options(settings.retrieve, request.options) if request.options else None
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
-    @api.post("/v1/search", response_model=SearchResponse)
-    async def search(request: SearchRequest) -> dict[str, Any]:
+    @api.post("/v1/search", response_model=SearchResponse, responses=ERRORS)
+    async def search(principal: Caller, request: SearchRequest) -> dict[str, Any]:
+        """The passages that best answer the query, among those the caller may read."""
         ready.require("store", "embedder")
-        wanted = options(request)
-        await checked_filters(request)
-        result = await to_thread.run_sync(
-            lambda: ragline.retriever.search(request.query, request.k, request.filters, wanted, request.turns())
-        )
+        wanted = await checked(request, request.query)
+        async with asyncio.timeout(serve.request_timeout_s):
+            with stage("search", metrics, tenant=principal.tenant):
+                result = await to_thread.run_sync(
+                    lambda: ragline.retriever.search(
+                        request.query, request.k, request.filters, wanted, request.turns(), scope=principal.scope
+                    ),
+                    abandon_on_cancel=True,  # the deadline answers now; the thread's result is dropped
+                )
         return {
-            "query": result.query, "hits": [hit.to_dict() for hit in result.hits], "timings": result.timings,
-            "notes": result.notes,
+            "query": result.query, "hits": [public_hit(hit.to_dict()) for hit in result.hits],
+            "timings": result.timings, "notes": [without_host_paths(note) for note in result.notes],
         }
 
-    async def admitted(request: SearchRequest) -> tuple[Admission, RetrieveSettings | None]:
-        """Checks that need no generation slot, then a place in the generation queue (or a 503 at once)."""
+    async def query_events(principal: Principal, request: SearchRequest) -> AsyncGenerator[dict[str, Any], None]:
         ready.require("store", "embedder", "llm")
-        wanted = options(request)
-        await checked_filters(request)
-        return queue.admit(), wanted
+        wanted = await checked(request, request.query)
+        return service.answer_events(
+            request.query, principal, k=request.k, filters=request.filters, options=wanted, history=request.turns()
+        )
 
-    @api.post("/v1/query")
-    async def query(request: SearchRequest) -> dict[str, Any]:
-        """The cited answer, when it is complete (same JSON as `ragline ask --json`, plus latency_ms)."""
-        started = time.perf_counter()
-        final: dict[str, Any] = {}
-        admission, wanted = await admitted(request)
-        async with admission:
-            async for event in ragline.aask(request.query, request.k, request.filters, wanted, request.turns()):
-                if isinstance(event, AnswerEvent):
-                    final = _public(event.answer.to_dict())
-        return {**final, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+    answer_content = {
+        200: {"model": AnswerOut, "content": {NDJSON: {}, SSE: {}}}, **ERRORS,
+    }
 
-    @api.post("/v1/query/stream")
-    async def query_stream(request: SearchRequest) -> StreamingResponse:
-        """NDJSON events: `queued` when waiting for a turn, `status` per stage, `token` pieces, each `claim`
-        checked as soon as it is complete, then the final `answer` (or an `error` with `code` and `message`)."""
-        admission, wanted = await admitted(request)
+    @api.post("/v1/query", response_model=AnswerOut, responses=answer_content)
+    async def query(principal: Caller, request: SearchRequest, http: Request) -> Response:
+        """A cited answer: JSON when complete, or streamed by `Accept` (NDJSON or SSE events: `status` per stage,
+        `token` pieces, each `claim` checked as soon as it is complete, then the `answer`, or an `error`)."""
+        return await respond(await query_events(principal, request), wants(http))
+
+    @api.post("/v1/query/stream", responses=answer_content)
+    async def query_stream(principal: Caller, request: SearchRequest) -> Response:
+        """`/v1/query` streamed as NDJSON whatever the `Accept`."""
+        return await respond(await query_events(principal, request), NDJSON)
+
+    @api.post("/v1/chat", response_model=AnswerOut, responses=answer_content)
+    async def chat(principal: Caller, request: ChatRequest, http: Request) -> Response:
+        """A turn of a conversation kept in the service database: the follow-up is rewritten with the history
+        (trimmed to serve.history_tokens) before retrieval. Streams like `/v1/query`; the first event names the
+        session."""
+        ready.require("store", "embedder", "llm")
+        wanted = await checked(request, request.message)
+        chats = service.db.chats
+        if request.session_id:
+            session = await service.database(
+                chats.get_session(principal.tenant, principal.subject, request.session_id), "sessions"
+            )
+            if session is None:
+                raise not_found("chat session")
+            messages = await service.database(chats.messages(session.id), "sessions")
+        else:
+            title = " ".join(request.message.split())[:80]
+            session = await service.database(chats.create_session(principal.tenant, principal.subject, title), "sessions")
+            messages = []
+        counts = await service.count_tokens([message.content for message in messages])
+        sizes = dict(zip((message.content for message in messages), counts))
+        history = trim_history(messages, serve.history_tokens, lambda text: sizes[text]) or None
+
+        async def events() -> AsyncGenerator[dict[str, Any], None]:
+            yield {"type": "session", "session_id": session.id}
+            async for event in service.answer_events(
+                request.message, principal, k=request.k, filters=request.filters, options=wanted,
+                history=history, session_id=session.id,
+            ):
+                if event["type"] == "answer":
+                    event = {**event, "session_id": session.id}
+                    await service.database(chats.add_message(session.id, "user", request.message), "sessions")
+                    await service.database(
+                        chats.add_message(session.id, "assistant", event["answer"], event.get("answer_id")), "sessions"
+                    )
+                yield event
+
+        return await respond(events(), wants(http))
+
+    @api.get("/v1/chat/sessions", response_model=list[SessionOut], responses=ERRORS)
+    async def sessions(principal: Caller, limit: PageLimit = 50, offset: PageOffset = 0) -> list[dict[str, Any]]:
+        """The caller's own conversations, most recent first."""
+        found = await service.database(
+            service.db.chats.list_sessions(principal.tenant, principal.subject, limit, offset), "sessions"
+        )
+        return [session.to_dict() for session in found]
+
+    @api.get("/v1/chat/sessions/{session_id}", response_model=SessionDetail, responses=ERRORS)
+    async def session_detail(principal: Caller, session_id: str) -> dict[str, Any]:
+        chats = service.db.chats
+        session = await service.database(chats.get_session(principal.tenant, principal.subject, session_id), "sessions")
+        if session is None:
+            raise not_found("chat session")
+        messages = await service.database(chats.messages(session.id), "sessions")
+        return {**session.to_dict(), "messages": [message.to_dict() for message in messages]}
+
+    @api.delete("/v1/chat/sessions/{session_id}", status_code=204, responses=ERRORS)
+    async def delete_session(principal: Caller, session_id: str) -> None:
+        deleted = await service.database(
+            service.db.chats.delete_session(principal.tenant, principal.subject, session_id), "sessions"
+        )
+        if not deleted:
+            raise not_found("chat session")
+
+    @api.post("/v1/chat/completions", response_model=CompletionOut, responses=ERRORS)
+    async def completions(principal: Caller, request: CompletionRequest) -> Response:
+        """OpenAI-compatible: the last user message is the question, earlier turns its history; the answer
+        cites the documents the caller may read (`citations` and `answer_id` are extra fields). With
+        `stream: true`, chat.completion.chunk events and `data: [DONE]`; the draft streams as it is
+        written, and the last chunk carries the verified answer (`answer`) when it differs."""
+        ready.require("store", "embedder", "llm")
+        turns = [m for m in request.messages if m.role in ("user", "assistant") and m.content]
+        if not turns or turns[-1].role != "user":
+            raise ApiError(422, "invalid_request", "the last message must be the user's question")
+        question = turns[-1].content or ""
+        service.check_question(question, None)
+        history = [{"role": m.role, "content": m.content or ""} for m in turns[:-1]]
+        counts = await service.count_tokens([turn["content"] for turn in history])
+        budget, kept = serve.history_tokens, []
+        for turn, tokens in zip(reversed(history), reversed(counts)):
+            if tokens > budget:
+                break
+            budget -= tokens
+            kept.append(turn)
+        events = service.answer_events(question, principal, k=None, filters=None, options=None, history=kept[::-1] or None)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = request.model or "ragline"
+        if not request.stream:
+            final = await final_answer(events)
+            if final.get("type") == "error":
+                return error_response(ERROR_STATUS.get(final["code"], 503), final["code"], final["message"])
+            usage = final.get("usage", {})
+            return JSONResponse({
+                "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": final["answer"]},
+                             "finish_reason": "stop"}],
+                "usage": {
+                    "prompt_tokens": usage.get("prompt_tokens", 0),
+                    "completion_tokens": usage.get("completion_tokens", 0),
+                    "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
+                },
+                "citations": final["citations"], "answer_id": final.get("answer_id"),
+            })
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            body = {
+                "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra,
+            }
+            return f"data: {json.dumps(body)}\n\n"
+
+        stream = events
+        first = await anext(stream)  # a full queue is a 503 here, before the stream starts
 
         async def lines() -> AsyncGenerator[str, None]:
+            written = ""
             try:
-                if admission.must_wait:
-                    yield json.dumps({"type": "status", "stage": "queued"}) + "\n"
-                async with admission:
-                    async for event in ragline.aask(request.query, request.k, request.filters, wanted, request.turns()):
-                        yield json.dumps(_public(event.to_dict())) + "\n"
-            except (RetrievalError, StoreError) as exc:
-                yield json.dumps(_error_event("index_unavailable", str(exc))) + "\n"
-            except Exception as exc:  # the status line has gone out: report in the stream, log the rest
-                log.error("streamed query failed", exc_info=exc)
-                yield json.dumps(_error_event("internal_error", "the server failed on this request")) + "\n"
+                yield chunk({"role": "assistant", "content": ""})
+                event: dict[str, Any] | None = first
+                while event is not None:
+                    if event["type"] == "token":
+                        written += event["text"]
+                        yield chunk({"content": event["text"]})
+                    elif event["type"] == "answer":
+                        extra: dict[str, Any] = {"citations": event["citations"], "answer_id": event.get("answer_id")}
+                        if not written:
+                            yield chunk({"content": event["answer"]})
+                        elif written.strip() != event["answer"].strip():
+                            extra["answer"] = event["answer"]
+                        yield chunk({}, "stop", **extra)
+                    elif event["type"] == "error":
+                        yield f"data: {json.dumps({'error': {'code': event['code'], 'message': event['message']}})}\n\n"
+                    event = await anext(stream, None)
+                yield "data: [DONE]\n\n"
+            finally:
+                await stream.aclose()
 
-        return _AnswerStream(lines(), admission)
+        return _EventStream(lines(), SSE, {"Cache-Control": "no-cache"})
 
+    api.include_router(documents_router(service))
     return api
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of one `ragline serve --workers N` process: settings from the config file the CLI names."""
+    config = os.environ.get("RAGLINE_CONFIG")
+    return create_app(load_settings(Path(config) if config else None))

@@ -1,13 +1,17 @@
-"""The `VectorStore` protocol, its `SearchRequest`, the manifest record it keeps per source file, and metadata filters.
+"""The `VectorStore` protocol, its `SearchRequest`, the manifest record it keeps per source file, access scopes
+and metadata filters.
 
 A store owns both the chunks and the manifest, and replaces a document's
 chunks and its manifest row in one transaction: that is what makes ingest
 crash-safe (a killed run leaves each file either fully old or fully new).
 A search sees one committed state of the store, even while another process
-writes. A store records the type of each metadata field it can filter on
-(`filter_fields()`); `check_filters` validates filters against those types at
-every edge (store, API, CLI) and raises `FilterError` (a ValueError) naming
-the problem and the known fields. Every store passes tests/store_contract.py.
+writes. Every document belongs to a tenant and carries access groups; every
+search names a `Scope`, which the store applies inside the query, so an
+out-of-scope chunk is never ranked, fetched or returned. A store records the
+type of each metadata field it can filter on (`filter_fields()`);
+`check_filters` validates filters against those types at every edge (store,
+API, CLI) and raises `FilterError` (a ValueError) naming the problem and the
+known fields. Every store passes tests/store_contract.py.
 """
 
 from __future__ import annotations
@@ -28,6 +32,34 @@ class StoreError(RuntimeError):
     pass
 
 
+DEFAULT_TENANT = "default"
+EVERYONE = "*"
+"""The access group of documents that everyone in their tenant may read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Who is reading: a tenant and the access groups of the caller (None: every group of the tenant).
+
+    A chunk is in scope when its document belongs to `tenant` and carries
+    `EVERYONE` or one of `groups`. Every search names its scope; stores apply
+    it inside the query, so nothing out of scope is ever read.
+    """
+
+    tenant: str
+    groups: frozenset[str] | None
+
+    @classmethod
+    def everything(cls, tenant: str = DEFAULT_TENANT) -> Scope:
+        """All of a tenant's documents: the operator's view (CLI, evaluation, admins)."""
+        return cls(tenant, None)
+
+    def allows(self, tenant: str, groups: Sequence[str]) -> bool:
+        if tenant != self.tenant:
+            return False
+        return self.groups is None or EVERYONE in groups or not self.groups.isdisjoint(groups)
+
+
 @dataclass(slots=True)
 class DocumentRecord:
     """One source file in the manifest: what was seen on disk and what became of it."""
@@ -42,6 +74,9 @@ class DocumentRecord:
     status: str = "indexed"
     error: str = ""
     updated_at: str = ""
+    tenant: str = DEFAULT_TENANT
+    groups: list[str] = field(default_factory=lambda: [EVERYONE])
+    """Who may read it (see `Scope`); changed by `VectorStore.set_access` without re-embedding."""
     dependencies: dict[str, str] = field(default_factory=dict)
     """Other files of its tree the indexed content came from (includes), by path from the root, with their
     size and modification time when read: a change to one of them makes the file changed too."""
@@ -104,6 +139,18 @@ def _accepts(element: str, value: Any) -> bool:
     return isinstance(value, _ACCEPTED.get(element, ()))
 
 
+def _storable(value: Any) -> bool:
+    """Whether a store can compare with `value`: 64-bit integers, text without lone surrogates."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 def describe_fields(fields: Mapping[str, str]) -> str:
     if not fields:
         return "the index has no filterable fields yet (is it empty? run `ragline ingest`)"
@@ -144,6 +191,9 @@ def check_filters(filters: Filters | None, fields: Mapping[str, str]) -> dict[st
         for value in values:
             if not _accepts(element, value):
                 raise rejected(f"filter on {name!r} wants {element} values, got {value!r:.80}")
+            if not _storable(value):
+                raise rejected(f"filter on {name!r}: {value!r:.80} is not a value any field can hold "
+                               "(integers are 64-bit, text is valid Unicode)")
         wanted[name] = list(values)
     return wanted
 
@@ -168,14 +218,17 @@ SEARCH_MODES: tuple[str, ...] = ("dense", "keyword", "hybrid")
 
 @dataclass(frozen=True, slots=True)
 class SearchRequest:
-    """Everything one search needs, so every store implements one call and later scopes ride along.
+    """Everything one search needs, so every store implements one call.
 
-    `dense` ranks by cosine similarity to `vector`; `keyword` by BM25 over the
-    terms of `text` (store/keywords.py), the heading path weighing more than
-    the body; `hybrid` runs both over the same committed state and merges them
-    with `fusion`. `with_vectors` returns each hit's embedding (for diversity).
+    `scope` says who is reading: only chunks of documents it `allows` are
+    ranked, whatever `k` is. `dense` ranks by cosine similarity to `vector`;
+    `keyword` by BM25 over the terms of `text` (store/keywords.py), the
+    heading path weighing more than the body; `hybrid` runs both over the same
+    committed state and merges them with `fusion`. `with_vectors` returns each
+    hit's embedding (for diversity).
     """
 
+    scope: Scope
     text: str = ""
     vector: np.ndarray | None = None
     mode: SearchMode = "dense"
@@ -185,6 +238,10 @@ class SearchRequest:
     with_vectors: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scope, Scope):
+            raise TypeError(f"a search needs a Scope (who is reading), not {self.scope!r:.80}")
+        if not isinstance(self.scope.groups, (frozenset, type(None))):
+            raise TypeError(f"Scope.groups must be a frozenset or None, not {type(self.scope.groups).__name__}")
         if self.mode not in SEARCH_MODES:
             raise ValueError(f"search mode must be one of {', '.join(SEARCH_MODES)}, not {self.mode!r}")
         if self.k < 1:
@@ -197,10 +254,10 @@ class SearchRequest:
 
 @runtime_checkable
 class VectorStore(Protocol):
-    """Chunks with vectors, searchable by cosine similarity under metadata filters."""
+    """Chunks with vectors, searchable by cosine similarity and keywords within a scope, under metadata filters."""
 
     def upsert_document(self, record: DocumentRecord, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
-        """Replace everything stored for `record.doc_id` (chunks and manifest row) atomically."""
+        """Replace everything stored for `record.doc_id` (chunks, manifest row and access) atomically."""
         ...
 
     def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
@@ -212,12 +269,26 @@ class VectorStore(Protocol):
 
     def delete_document(self, doc_id: str) -> None: ...
 
-    def documents(self) -> list[DocumentRecord]:
-        """The manifest: every source file seen, indexed or failed, with its chunk ids."""
+    def set_access(self, doc_id: str, tenant: str, groups: Sequence[str]) -> None:
+        """Change who may read a document (its tenant and access groups) atomically, leaving its chunks and
+        vectors as they are; searches see the change from the next one on, and `index_version()` changes.
+
+        Raises StoreError when `doc_id` is not in the manifest, ValueError for an empty tenant or group.
+        """
+        ...
+
+    def documents(self, scope: Scope | None = None) -> list[DocumentRecord]:
+        """The manifest: every source file seen, indexed or failed, with its chunk ids; only those
+        `scope` may read when given (None: all of them, for the indexer)."""
+        ...
+
+    def document(self, doc_id: str) -> DocumentRecord | None:
+        """One manifest row with its chunk ids, or None when the document is unknown."""
         ...
 
     def search(self, request: SearchRequest) -> list[Hit]:
-        """The `request.k` best chunks for the request among those matching its filters, as one committed state.
+        """The `request.k` best chunks for the request among those its scope may read and its filters match,
+        as one committed state.
 
         Raises FilterError for filters that `check_filters` rejects.
         """
@@ -227,8 +298,12 @@ class VectorStore(Protocol):
         """A document's chunks in reading order (for expanding a hit with its neighbours)."""
         ...
 
-    def count(self, filters: Filters | None = None) -> int:
-        """How many chunks match `filters` (FilterError as in `search`)."""
+    def count(self, filters: Filters | None = None, scope: Scope | None = None) -> int:
+        """How many chunks match `filters` among those `scope` may read (None: all; FilterError as in `search`)."""
+        ...
+
+    def index_version(self) -> str:
+        """An opaque token that changes with every commit that changes chunks or access (keys of answer caches)."""
         ...
 
     def filter_fields(self) -> dict[str, str]:

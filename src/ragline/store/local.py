@@ -15,16 +15,27 @@ they are fewer than half). What is guaranteed:
 - **Refreshes read only what changed.** Rows are never updated in place and
   seqs are never reused, so a reader reads rows with `seq >` the last one it
   mirrors, and deletions from `tombstones` (filled by a trigger) after the
-  last tombstone it applied. `generation`, bumped by every change of the
-  chunks, tells it when there is anything to read. `persist()` drops the
-  tombstones its snapshot covers; a reader that had not applied them yet
-  compares its seqs with the table once instead.
+  last tombstone it applied. `generation`, bumped by every commit that
+  changes the chunks or who may read them, tells it when there is anything
+  to read; `index_version()` is the store's id and its generation.
+  `persist()` drops the tombstones its snapshot covers; a reader that had
+  not applied them yet compares its seqs with the table once instead.
 - **Snapshots** (store/snapshot.py) are switched to atomically and verified
   on load; a snapshot that is damaged, newer than the reader's view or of
   another database is ignored and the matrix rebuilt from SQLite.
 - **Filters** are checked against the type of each field, recorded on upsert
   in `fields` (widened when values of another type arrive, forgotten only by
   `clear()`).
+- **Access** is per document: its tenant and groups live in `documents`, and
+  `access` (tenant, group, doc_id) answers which documents a scope may read.
+  Both are written in the document's transaction, or changed together by
+  `set_access` (which bumps `generation`, never touching chunks or vectors).
+  A search reads the seqs its scope allows inside its read transaction,
+  memoised per (generation, scope), and intersects them with its filters
+  before the dense scan; the keyword query checks each match's document
+  against the scope in SQL. A scope that allows every chunk restricts
+  nothing. The snapshot holds vectors only, so access is always as of the
+  reader's committed state.
 - **Keyword search** is SQLite FTS5 (BM25) over the code-aware terms of
   store/keywords.py, in a table keyed by the chunk's seq, written in the same
   transaction as the chunk and emptied by a trigger when the chunk goes: it
@@ -42,6 +53,7 @@ import json
 import logging
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -52,8 +64,10 @@ import numpy as np
 from ragline.config import Settings
 from ragline.store import keywords, snapshot
 from ragline.store.base import (
+    EVERYONE,
     DocumentRecord,
     Filters,
+    Scope,
     SearchRequest,
     StoreError,
     check_filters,
@@ -66,8 +80,9 @@ from ragline.types import Chunk, Hit, utc_now
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
-"""2 → 3 added the keyword index (filled from the chunks on upgrade)."""
+SCHEMA_VERSION = 5
+"""2 → 3 added the keyword index (filled from the chunks on upgrade); 4 → 5 per-document access (every
+document of an older index belongs to the default tenant and is readable by everyone in it)."""
 TIE_SLACK = 32
 TIE_DIGITS = 6
 """Equal scores (the same text twice; float noise in the 7th digit) rank by chunk id, not by where rows happen
@@ -79,6 +94,8 @@ BUSY_TIMEOUT_S = 30.0
 """How long a statement waits for another process's write lock before failing."""
 MAX_COUNTED_TERMS = 50_000
 """The per-generation memo of term counts is emptied past this many terms (a long run of distinct queries)."""
+MAX_MEMOISED_SCOPES = 16
+"""How many (generation, scope) → readable seqs a handle keeps, least recently used dropped first."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -92,8 +109,17 @@ CREATE TABLE IF NOT EXISTS documents (
     status TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
     updated_at TEXT NOT NULL,
-    dependencies TEXT NOT NULL DEFAULT '{}'
+    dependencies TEXT NOT NULL DEFAULT '{}',
+    tenant TEXT NOT NULL DEFAULT 'default',
+    groups TEXT NOT NULL DEFAULT '["*"]'
 );
+CREATE TABLE IF NOT EXISTS access (
+    tenant TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    doc_id TEXT NOT NULL REFERENCES documents(doc_id),
+    PRIMARY KEY (tenant, grp, doc_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS access_doc ON access(doc_id);
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     chunk_id TEXT NOT NULL UNIQUE,
@@ -126,6 +152,15 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0');
 INSERT OR IGNORE INTO meta(key, value) VALUES ('store_id', lower(hex(randomblob(8))));
 INSERT OR IGNORE INTO meta(key, value) VALUES ('tombstone_floor', '0');
 """
+ADDED_DOCUMENT_COLUMNS = {
+    "dependencies": "TEXT NOT NULL DEFAULT '{}'",
+    "tenant": "TEXT NOT NULL DEFAULT 'default'",
+    "groups": "TEXT NOT NULL DEFAULT '[\"*\"]'",
+}
+"""Columns of `documents` that an older database lacks (`ALTER TABLE` adds them with these defaults)."""
+DOCUMENT_COLUMNS = (
+    "doc_id, source, root, size, mtime_ns, sha256, fingerprint, status, error, updated_at, dependencies, tenant, groups"
+)
 INTERNAL_META = ("generation", "store_id", "tombstone_floor")
 """Meta keys that belong to the store itself and survive `clear()`."""
 
@@ -149,6 +184,33 @@ def _filter_sql(wanted: dict[str, list]) -> tuple[str, list]:
         selects.append(f"SELECT seq FROM tags WHERE field = ? AND value IN ({','.join('?' * len(values))})")
         params += [name, *values]
     return " INTERSECT ".join(selects) or "SELECT seq FROM chunks", params
+
+
+def _readable_docs_sql(scope: Scope) -> tuple[str, list]:
+    """A query for the ids of the documents `scope` may read (`Scope.allows`), answered from indexes."""
+    if scope.groups is None:
+        return "SELECT doc_id FROM documents WHERE tenant = ?", [scope.tenant]
+    groups = sorted(scope.groups | {EVERYONE})
+    return f"SELECT doc_id FROM access WHERE tenant = ? AND grp IN ({','.join('?' * len(groups))})", [
+        scope.tenant, *groups,
+    ]
+
+
+def _access(tenant: str, groups: Sequence[str]) -> tuple[str, list[str]]:
+    """A document's tenant and its groups as stored (sorted, once each); ValueError for a malformed one."""
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"a document's tenant must be a non-empty string, not {tenant!r:.80}")
+    if isinstance(groups, str) or not all(isinstance(group, str) and group for group in groups):
+        raise ValueError(f"a document's groups must be a list of non-empty strings, not {groups!r:.80}")
+    return tenant, sorted(set(groups))
+
+
+def _record(row: Sequence, chunk_ids: list[str]) -> DocumentRecord:
+    """A manifest row (the columns of DOCUMENT_COLUMNS, in order) as a DocumentRecord."""
+    *fields, dependencies, tenant, groups = row
+    return DocumentRecord(
+        *fields, tenant=tenant, groups=json.loads(groups), dependencies=json.loads(dependencies), chunk_ids=chunk_ids,
+    )
 
 
 def _keyword_row(seq: int, text: str, metadata: dict) -> tuple[int, str, str]:
@@ -204,6 +266,8 @@ class LocalStore:
         self._term_counts: dict[str, tuple[int, int | None]] = {}
         """term -> (chunks holding it, the cap it was counted up to) at generation `_counts_generation`."""
         self._counts_generation = -1
+        self._readable_seqs: OrderedDict[tuple[int, Scope], np.ndarray | None] = OrderedDict()
+        """(generation, scope) -> the seqs that scope may read (None: all), least recently used first."""
         self._dense_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragline-dense")
 
     @classmethod
@@ -214,11 +278,13 @@ class LocalStore:
         """Create the tables, or bring a database of an earlier version up to date (learning its field types)."""
         with self._lock:
             try:
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};")
+                self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}")
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]  # read under the write lock
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(documents)")}
-                if "dependencies" not in columns:  # version 3 and older
-                    self._db.execute("ALTER TABLE documents ADD COLUMN dependencies TEXT NOT NULL DEFAULT '{}'")
+                for name, definition in ADDED_DOCUMENT_COLUMNS.items():  # columns of versions after 3
+                    if name not in columns:
+                        self._db.execute(f"ALTER TABLE documents ADD COLUMN {name} {definition}")
+                self._db.execute("CREATE INDEX IF NOT EXISTS documents_tenant ON documents(tenant)")
                 metadata = (json.loads(text) for (text,) in self._db.execute("SELECT metadata FROM chunks"))
                 self._record_fields(self._db, metadata)
                 if version < 3:  # (re)build the keyword index from the chunks
@@ -228,6 +294,13 @@ class LocalStore:
                         "INSERT INTO chunks_fts(rowid, heading, body) VALUES (?, ?, ?)",
                         (_keyword_row(seq, text, json.loads(meta)) for seq, text, meta in rows),
                     )
+                if version < 5:  # the access rows of each document's (default) tenant and groups
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO access(tenant, grp, doc_id) "
+                        "SELECT documents.tenant, json_each.value, documents.doc_id FROM documents, "
+                        "json_each(documents.groups)"
+                    )
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -275,18 +348,23 @@ class LocalStore:
         if len(chunks) != len(vectors):
             raise StoreError(f"{len(chunks)} chunks but {len(vectors)} vectors for {record.source}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        tenant, groups = _access(record.tenant, record.groups)
         with self._transaction() as db:
             if len(chunks):
                 self._check_dim(db, vectors)
             db.execute("DELETE FROM chunks WHERE doc_id = ?", (record.doc_id,))
+            db.execute("DELETE FROM access WHERE doc_id = ?", (record.doc_id,))
             db.execute(
-                "INSERT OR REPLACE INTO documents(doc_id, source, root, size, mtime_ns, sha256, fingerprint, status, "
-                "error, updated_at, dependencies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO documents({DOCUMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.doc_id, record.source, record.root, record.size, record.mtime_ns,
                     record.sha256, record.fingerprint, record.status, record.error, record.updated_at or utc_now(),
-                    json.dumps(record.dependencies, sort_keys=True),
+                    json.dumps(record.dependencies, sort_keys=True), tenant, json.dumps(groups),
                 ),
+            )
+            db.executemany(
+                "INSERT INTO access(tenant, grp, doc_id) VALUES (?, ?, ?)",
+                ((tenant, group, record.doc_id) for group in groups),
             )
             db.executemany(
                 "INSERT INTO chunks(chunk_id, doc_id, text, metadata, vector) VALUES (?, ?, ?, ?, ?)",
@@ -314,15 +392,31 @@ class LocalStore:
             if not updated:
                 raise StoreError(f"cannot touch {doc_id!r}: no such document in the manifest")
 
+    def set_access(self, doc_id: str, tenant: str, groups: Sequence[str]) -> None:
+        tenant, groups = _access(tenant, groups)
+        with self._transaction() as db:  # a new generation: readers recompute what each scope may read
+            updated = db.execute(
+                "UPDATE documents SET tenant = ?, groups = ? WHERE doc_id = ?", (tenant, json.dumps(groups), doc_id)
+            ).rowcount
+            if not updated:
+                raise StoreError(f"cannot set the access of {doc_id!r}: no such document in the manifest")
+            db.execute("DELETE FROM access WHERE doc_id = ?", (doc_id,))
+            db.executemany(
+                "INSERT INTO access(tenant, grp, doc_id) VALUES (?, ?, ?)",
+                ((tenant, group, doc_id) for group in groups),
+            )
+
     def delete_document(self, doc_id: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+            db.execute("DELETE FROM access WHERE doc_id = ?", (doc_id,))
             db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
 
     def clear(self) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM tags")
             db.execute("DELETE FROM chunks")
+            db.execute("DELETE FROM access")
             db.execute("DELETE FROM documents")
             db.execute("DELETE FROM fields")
             db.execute(f"DELETE FROM meta WHERE key NOT IN ({','.join('?' * len(INTERNAL_META))})", INTERNAL_META)
@@ -353,24 +447,53 @@ class LocalStore:
         with self._lock:
             return dict(self._db.execute("SELECT name, type FROM fields ORDER BY name"))
 
-    def documents(self) -> list[DocumentRecord]:
-        with self._reading() as db:
-            rows = db.execute(
-                "SELECT doc_id, source, root, size, mtime_ns, sha256, fingerprint, status, error, updated_at, "
-                "dependencies FROM documents ORDER BY source"
-            ).fetchall()
-            chunk_ids: dict[str, list[str]] = {}
-            for doc_id, cid in db.execute("SELECT doc_id, chunk_id FROM chunks ORDER BY seq"):
-                chunk_ids.setdefault(doc_id, []).append(cid)
-        return [
-            DocumentRecord(*row[:10], dependencies=json.loads(row[10]), chunk_ids=chunk_ids.get(row[0], []))
-            for row in rows
-        ]
+    def index_version(self) -> str:
+        with self._lock:
+            meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('store_id', 'generation')"))
+        return f"{meta['store_id']}-{meta['generation']}"
 
-    def count(self, filters: Filters | None = None) -> int:
+    def documents(self, scope: Scope | None = None) -> list[DocumentRecord]:
+        where, params = "", []
+        if scope is not None:
+            readable, params = _readable_docs_sql(scope)
+            where = f" WHERE doc_id IN ({readable})"
+        with self._reading() as db:
+            rows = db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents{where} ORDER BY source", params).fetchall()
+            chunk_ids: dict[str, list[str]] = {}
+            for doc_id, cid in db.execute(f"SELECT doc_id, chunk_id FROM chunks{where} ORDER BY seq", params):
+                chunk_ids.setdefault(doc_id, []).append(cid)
+        return [_record(row, chunk_ids.get(row[0], [])) for row in rows]
+
+    def document(self, doc_id: str) -> DocumentRecord | None:
+        with self._reading() as db:
+            row = db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?", (doc_id,)).fetchone()
+            chunks = db.execute("SELECT chunk_id FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,))
+            chunk_ids = [cid for (cid,) in chunks]
+        return None if row is None else _record(row, chunk_ids)
+
+    def count(self, filters: Filters | None = None, scope: Scope | None = None) -> int:
         with self._reading() as db:
             query, params = _filter_sql(check_filters(filters, self.filter_fields()))
+            if scope is not None:
+                readable, readable_params = _readable_docs_sql(scope)
+                query += f" INTERSECT SELECT seq FROM chunks WHERE doc_id IN ({readable})"
+                params += readable_params
             return int(db.execute(f"SELECT COUNT(*) FROM ({query})", params).fetchone()[0])
+
+    def _readable(self, db: sqlite3.Connection, mirror: Snapshot, scope: Scope) -> np.ndarray | None:
+        """The seqs `scope` may read in the open read transaction, ascending (None: every chunk), memoised
+        per (generation, scope): a generation is one committed state of both chunks and access."""
+        key = (mirror.generation, scope)
+        if key in self._readable_seqs:
+            self._readable_seqs.move_to_end(key)
+            return self._readable_seqs[key]
+        readable, params = _readable_docs_sql(scope)
+        seqs = np.sort(_int_column(db.execute(f"SELECT seq FROM chunks WHERE doc_id IN ({readable})", params)))
+        every = len(seqs) == len(mirror.seqs)  # the mirror holds every chunk of this state
+        self._readable_seqs[key] = None if every else seqs
+        if len(self._readable_seqs) > MAX_MEMOISED_SCOPES:
+            self._readable_seqs.popitem(last=False)
+        return self._readable_seqs[key]
 
     def _refresh(self, db: sqlite3.Connection) -> Snapshot:
         """Bring the mirror up to the state of the open read transaction, reading only what changed."""
@@ -437,8 +560,14 @@ class LocalStore:
             mirror = self._refresh(db)
             if not len(mirror.seqs):
                 return []
-            allowed = _int_column(db.execute(*_filter_sql(wanted))) if wanted else None
-            ranked = self._ranked(db, mirror, request, allowed, wanted)
+            allowed = readable = self._readable(db, mirror, request.scope)
+            if readable is not None and not len(readable):
+                return []
+            if wanted:
+                matching = _int_column(db.execute(*_filter_sql(wanted)))
+                allowed = matching if readable is None else np.intersect1d(readable, matching)
+            scope = None if readable is None else request.scope
+            ranked = self._ranked(db, mirror, request, allowed, wanted, scope)
             listed = ",".join(map(str, {int(seq) for seqs, _ in ranked for seq in seqs}))
             rows = db.execute(
                 f"SELECT seq, chunk_id, doc_id, text, metadata FROM chunks WHERE seq IN ({listed})"
@@ -462,25 +591,31 @@ class LocalStore:
 
     def _ranked(
         self, db: sqlite3.Connection, mirror: Snapshot, request: SearchRequest, allowed: np.ndarray | None,
-        wanted: dict[str, list],
+        wanted: dict[str, list], scope: Scope | None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The request's lists, (seqs, scores) best first: dense, keyword or both (computed side by side)."""
+        """The request's lists, (seqs, scores) best first: dense, keyword or both (computed side by side).
+
+        `allowed` holds the seqs both the scope and the filters let through (None: all), for the dense scan;
+        the keyword query applies `wanted` and `scope` (None: it restricts nothing) itself.
+        """
         depth = request.k + TIE_SLACK
         if request.mode == "dense":
             return [_dense(mirror, request.vector, depth, allowed)]
         if request.mode == "keyword":
-            return [self._keyword(db, mirror, request.text, depth, wanted)]
+            return [self._keyword(db, mirror, request.text, depth, wanted, scope)]
         dense = self._dense_worker.submit(_dense, mirror, request.vector, depth, allowed)
         try:
-            keyword = self._keyword(db, mirror, request.text, depth, wanted)
+            keyword = self._keyword(db, mirror, request.text, depth, wanted, scope)
         finally:
             wait([dense])  # a failed keyword query still leaves no scan running past the search
         return [dense.result(), keyword]
 
     def _keyword(
         self, db: sqlite3.Connection, mirror: Snapshot, text: str, depth: int, wanted: dict[str, list],
+        scope: Scope | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """BM25's best (FTS5 gives lower-is-better scores; they are negated so that higher is better)."""
+        """BM25's best among the chunks `scope` may read (None: all) and `wanted` lets through (FTS5 gives
+        lower-is-better scores; they are negated so that higher is better)."""
         match = keywords.fts_query(self._scored_terms(db, mirror, keywords.query_terms(text)))
         if match is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -490,6 +625,10 @@ class LocalStore:
             filter_sql, filter_params = _filter_sql(wanted)
             where += f" AND +rowid IN ({filter_sql})"  # unary +: MATCH drives, the filter only checks
             params += filter_params
+        if scope is not None:  # each match's document looked up by seq: the cost follows the matches, not the scope
+            readable, readable_params = _readable_docs_sql(scope)
+            where += f" AND (SELECT doc_id FROM chunks WHERE seq = chunks_fts.rowid) IN ({readable})"
+            params += readable_params
         rows = db.execute(
             f"SELECT rowid, -bm25(chunks_fts, ?, 1.0) AS score FROM chunks_fts WHERE {where} "
             "ORDER BY score DESC LIMIT ?",
