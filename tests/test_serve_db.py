@@ -264,6 +264,13 @@ def test_an_expired_lease_is_claimed_again_and_heartbeats_keep_it(service_databa
         assert reclaimed.id == job.id and reclaimed.attempts == 2 and reclaimed.status == "running"
         assert await database.jobs.heartbeat(job.id, 3600) is True
         assert await database.jobs.claim(3600) is None
+        # the first holder comes back (it had stalled, not died): its claim is gone, the second one's is not
+        assert await database.jobs.heartbeat(job.id, 3600, attempt=crashed.attempts) is False
+        assert await database.jobs.finish(job.id, "failed", error="stale", attempt=crashed.attempts) is None
+        assert (await database.jobs.get("acme", job.id)).status == "running"
+        assert await database.jobs.heartbeat(job.id, 3600, attempt=reclaimed.attempts) is True
+        done = await database.jobs.finish(job.id, "succeeded", attempt=reclaimed.attempts)
+        assert done.status == "succeeded"
 
     with_database(service_database_url, scenario)
 

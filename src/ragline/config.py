@@ -94,6 +94,11 @@ class EmbedderSettings(_Strict):
     query_prefix: str = ""
     document_prefix: str = ""
     device: str = "cpu"
+    precision: Literal["fp32", "int8"] = Field(
+        default="fp32",
+        description="weights of the onnx backend: fp32, or int8 (quantized: faster on CPU, cosine ≥ 0.99 to fp32); "
+        "other backends ignore it",
+    )
     threads: int | None = Field(
         default=None, ge=1, le=256,
         description="CPU threads of one encode (local models); default: all cores, except 1 in `ragline serve`, "
@@ -153,7 +158,33 @@ class IngestSettings(_Strict):
 
 
 class StoreSettings(_Strict):
-    backend: str = "local"
+    """Where chunks, vectors and the manifest live: the embedded local store, or PostgreSQL with pgvector."""
+
+    backend: str = Field(default="local", description="local: SQLite + NumPy under data_dir; pgvector: PostgreSQL")
+    url: str | None = Field(
+        default=None, description="pgvector: the database, e.g. postgresql://ragline@db.internal:5432/ragline"
+    )
+    db_schema: str = Field(
+        default="ragline", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="pgvector: the PostgreSQL schema holding the index's tables (one index per schema)",
+    )
+    pool_size: int = Field(default=4, ge=1, le=256, description="pgvector: the most connections a process opens")
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="pgvector: how long to wait for a connection")
+    ef_search: int = Field(
+        default=100, ge=10, le=1000,
+        description="pgvector: HNSW candidate list size; higher finds the true nearest neighbours more often, slower",
+    )
+    exact_search_rows: int = Field(
+        default=20_000, ge=0,
+        description="pgvector: a scoped or filtered dense search that allows at most this many chunks scans them "
+        "exactly instead of walking the HNSW graph",
+    )
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> StoreSettings:
+        if self.backend == "pgvector" and not self.url:
+            raise ValueError("store.backend pgvector needs store.url: a postgresql:// URL (RAGLINE_STORE__URL)")
+        return self
 
 
 class FusionSettings(_Strict):

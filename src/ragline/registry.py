@@ -16,9 +16,11 @@ BUILTIN: dict[str, dict[str, str]] = {
     "embedder": {
         "sentence-transformers": "ragline.embed.sentence_transformer:SentenceTransformerEmbedder",
         "openai": "ragline.embed.openai_compat:OpenAIEmbedder",
+        "onnx": "ragline.embed.onnx:OnnxEmbedder",
     },
     "store": {
         "local": "ragline.store.local:LocalStore",
+        "pgvector": "ragline.store.pgvector:PgVectorStore",
     },
     "reranker": {
         "cross-encoder": "ragline.retrieve.rerank:CrossEncoderReranker",

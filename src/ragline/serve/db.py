@@ -433,12 +433,14 @@ class JobRepository(_Repository):
             row = await session.scalar(statement)
             return row.record() if row else None
 
-    async def heartbeat(self, job_id: str, lease_s: float) -> bool:
-        """Extend the lease of a running job; False when it is not running (finished or unknown)."""
+    async def heartbeat(self, job_id: str, lease_s: float, attempt: int | None = None) -> bool:
+        """Extend the lease of a running job; False when it is not running (finished or unknown), or when
+        `attempt` is given and another claim has taken the job since (the lease had run out)."""
         now = utcnow()
+        held = [JobRow.attempts == attempt] if attempt is not None else []
         async with self._writes() as session, session.begin():
             result = await session.execute(
-                update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+                update(JobRow).where(JobRow.id == job_id, JobRow.status == "running", *held)
                 .values(lease_until=now + timedelta(seconds=lease_s), updated_at=now)
                 .execution_options(synchronize_session=False)
             )
@@ -446,13 +448,15 @@ class JobRepository(_Repository):
 
     async def finish(
         self, job_id: str, status: JobStatus, report: dict[str, Any] | None = None, error: str = "",
-        doc_id: str | None = None,
+        doc_id: str | None = None, attempt: int | None = None,
     ) -> Job | None:
-        """Record the outcome; the content may then be submitted again. None when no job has this id."""
+        """Record the outcome; the content may then be submitted again. None when no job has this id, or
+        when `attempt` is given and is no longer the job's running claim (a later claim owns the outcome)."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"a job finishes as succeeded or failed, not {status!r}")
+        held = [JobRow.attempts == attempt, JobRow.status == "running"] if attempt is not None else []
         statement = (
-            update(JobRow).where(JobRow.id == job_id)
+            update(JobRow).where(JobRow.id == job_id, *held)
             .values(status=status, report=report, error=error, doc_id=doc_id, active=None, lease_until=None,
                     updated_at=utcnow())
             .returning(JobRow).execution_options(synchronize_session=False)

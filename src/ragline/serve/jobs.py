@@ -200,30 +200,36 @@ class JobRunner:
             await self._run(job)
 
     async def _run(self, job: Job) -> None:
-        beating = asyncio.create_task(self._heartbeat(job.id))
+        beating = asyncio.create_task(self._heartbeat(job))
         try:
             report, doc_id = await to_thread.run_sync(self._index, job, abandon_on_cancel=True)
         except asyncio.CancelledError:
             raise  # shutting down: the lease runs out and the job is resumed
         except Exception as exc:
             log.warning("ingest job %s failed", job.id, exc_info=True)
-            await self.db.jobs.finish(job.id, "failed", error=without_host_paths(str(exc)) or type(exc).__name__)
+            await self.db.jobs.finish(
+                job.id, "failed", error=without_host_paths(str(exc)) or type(exc).__name__, attempt=job.attempts
+            )
             return
         finally:
             beating.cancel()
         failed = bool(report["failed"]) and job.kind == "upload"
         await self.db.jobs.finish(
             job.id, "failed" if failed else "succeeded", report=report,
-            error=report["failed"][0]["reason"] if failed else "", doc_id=doc_id,
+            error=report["failed"][0]["reason"] if failed else "", doc_id=doc_id, attempt=job.attempts,
         )
 
-    async def _heartbeat(self, job_id: str) -> None:
+    async def _heartbeat(self, job: Job) -> None:
+        """Renew the lease while indexing; a claim lost (this server stalled past its lease) is logged: the
+        later claim owns the job's outcome, and indexing twice ends in the same index."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await self.db.jobs.heartbeat(job_id, self.lease_s)
+                if not await self.db.jobs.heartbeat(job.id, self.lease_s, attempt=job.attempts):
+                    log.warning("job %s was claimed again after its lease ran out", job.id)
+                    return
             except Exception:
-                log.warning("could not renew the lease of job %s", job_id, exc_info=True)
+                log.warning("could not renew the lease of job %s", job.id, exc_info=True)
 
     def _index(self, job: Job) -> tuple[dict[str, Any], str | None]:
         """Index the job's upload or configured source (a worker thread)."""
