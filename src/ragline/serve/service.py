@@ -146,7 +146,7 @@ class Service:
         if limits.enabled:
             address = request.client.host if request.client else "unknown"
             await self._charge(f"ip:{address}", limits.per_ip, "address")
-        principal = await self.authenticator.authenticate(authorization, api_key)
+        principal = await self.database(self.authenticator.authenticate(authorization, api_key), "API keys")
         if limits.enabled:
             await self._charge(
                 f"key:{principal.tenant}:{principal.subject}:{path}" if path in limits.routes else
