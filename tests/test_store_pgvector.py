@@ -33,6 +33,7 @@ from test_store_search import (  # noqa: F401
 )
 
 from ragline.app import Ragline
+from ragline.cli import run
 from ragline.cli.common import parse_filters
 from ragline.config import RetrieveSettings, Settings, StoreSettings
 from ragline.retrieve.retriever import Retriever
@@ -56,7 +57,7 @@ def opened(pgvector_url, schema_name):
     stores = []
 
     def _open(**options) -> PgVectorStore:
-        stores.append(PgVectorStore(pgvector_url, schema_name, pool_size=2, **options))
+        stores.append(PgVectorStore(pgvector_url, schema_name, **{"pool_size": 2, **options}))
         return stores[-1]
 
     yield _open
@@ -106,28 +107,54 @@ def test_an_unfiltered_dense_search_walks_the_hnsw_index(store, pgvector_url, sc
     assert len(set(ids(hits)) & {f"d-{i:04d}" for i in best}) >= 9  # approximate, but close
 
 
-@pytest.mark.parametrize("exact_search_rows", [20_000, 0])
-def test_a_selective_scope_finds_every_chunk_it_may_read(opened, exact_search_rows):
-    """2,000 chunks near the query that the reader may not see, 5 far from it that it may: all 5 come back,
-    whether counted few enough to rank exactly (20,000) or found by the HNSW walk (0)."""
-    store = opened(exact_search_rows=exact_search_rows)
-    query = text_vector("q")
+BOARD = Scope("acme", frozenset({"board"}))
+
+
+def fill_near_and_far(store: PgVectorStore, query: np.ndarray) -> np.ndarray:
+    """2,000 chunks near `query` that BOARD may not read, and 5 far from it that it may; returns the 5 vectors."""
     near = random_unit_vectors(2_000) * 0.1 + query
     near /= np.linalg.norm(near, axis=1, keepdims=True)
     common = [Chunk(f"common-{i:04d}", "common", f"common {i}", {}) for i in range(len(near))]
     store.upsert_document(record("common", tenant="acme", groups=["staff"]), common, near)
     rare_texts = [f"rare {i}" for i in range(5)]
-    rare = [Chunk(f"rare-{i}", "rare", text, {}) for i, text in enumerate(rare_texts)]
     far = np.stack([0.05 * text_vector(text) - query for text in rare_texts])
     far /= np.linalg.norm(far, axis=1, keepdims=True)
+    rare = [Chunk(f"rare-{i}", "rare", text, {}) for i, text in enumerate(rare_texts)]
     store.upsert_document(record("rare", tenant="acme", groups=["board"]), rare, far)
-    board = Scope("acme", frozenset({"board"}))
-    hits = store.search(dense(query, 10, scope=board))
+    return far
+
+
+def assert_finds_every_rare_chunk_in_order(store: PgVectorStore, query: np.ndarray, far: np.ndarray) -> None:
+    hits = store.search(dense(query, 10, scope=BOARD))
     exact = np.argsort(-(far @ query))
     assert ids(hits) == [f"rare-{i}" for i in exact]
     assert np.allclose([hit.score for hit in hits], (far @ query)[exact], atol=1e-5)
-    hybrid = store.search(SearchRequest(board, text="rare", vector=query, mode="hybrid", k=10))
+
+
+@pytest.mark.parametrize("exact_search_rows", [20_000, 0])
+def test_a_selective_scope_finds_every_chunk_it_may_read(opened, exact_search_rows):
+    """Ranked exactly because the scope allows few chunks (20,000), or by the approximate query (0)."""
+    store = opened(exact_search_rows=exact_search_rows)
+    query = text_vector("q")
+    far = fill_near_and_far(store, query)
+    assert_finds_every_rare_chunk_in_order(store, query, far)
+    hybrid = store.search(SearchRequest(BOARD, text="rare", vector=query, mode="hybrid", k=10))
     assert sorted(ids(hybrid)) == [f"rare-{i}" for i in range(5)]
+
+
+def test_a_graph_walk_that_comes_back_short_is_redone_exactly(opened, caplog):
+    """The planner made to walk the HNSW graph for a selective scope, and the walk cut short: the exact ranking
+    that follows still finds every chunk the scope may read."""
+    store = opened(exact_search_rows=0, pool_size=1)
+    query = text_vector("q")
+    far = fill_near_and_far(store, query)
+    with store._pool.connection() as conn:  # the store's only connection: these settings hold for its searches
+        for setting in ("enable_seqscan = off", "enable_bitmapscan = off", "enable_sort = off",
+                        "hnsw.max_scan_tuples = 1"):
+            conn.execute(f"SET {setting}")
+    with caplog.at_level("INFO", logger="ragline.store.pgvector"):
+        assert_finds_every_rare_chunk_in_order(store, query, far)
+    assert "the HNSW walk found 0 of 5 allowed chunks" in caplog.text
 
 
 def test_two_stores_with_pools_of_their_own_see_each_others_commits(opened):
@@ -242,3 +269,20 @@ def test_a_scope_that_reads_every_chunk_restricts_nothing(store, monkeypatch, mo
         assert {hit.chunk.doc_id for hit in store.search(request)} == {"a", "b"}
     ranking = [sql for sql in statements if "ORDER BY" in sql]
     assert ranking and not any("c.doc_id IN" in sql for sql in ranking)
+
+
+def test_cli_search_with_an_unknown_field_fails_naming_the_known_ones(pgvector_url, schema_name, tmp_path,
+                                                                       monkeypatch, capsys):
+    """The command line opens the store its environment names (`RAGLINE_STORE__*`)."""
+    monkeypatch.setenv("RAGLINE_DATA_DIR", str(tmp_path / "index"))
+    monkeypatch.setenv("RAGLINE_STORE__BACKEND", "pgvector")
+    monkeypatch.setenv("RAGLINE_STORE__URL", pgvector_url)
+    monkeypatch.setenv("RAGLINE_STORE__DB_SCHEMA", schema_name)
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.chdir(tmp_path)
+    store = PgVectorStore(pgvector_url, schema_name)
+    put(store, "a", [0], page=3)
+    store.close()
+    assert run(["search", "anything", "--filter", "pagee=3"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown filter field 'pagee'" in error and "page (int)" in error

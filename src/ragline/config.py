@@ -161,8 +161,10 @@ class StoreSettings(_Strict):
     """Where chunks, vectors and the manifest live: the embedded local store, or PostgreSQL with pgvector."""
 
     backend: str = Field(default="local", description="local: SQLite + NumPy under data_dir; pgvector: PostgreSQL")
-    url: str | None = Field(
-        default=None, description="pgvector: the database, e.g. postgresql://ragline@db.internal:5432/ragline"
+    url: SecretStr | None = Field(
+        default=None,
+        description="pgvector: the database, e.g. postgresql://ragline:…@db.internal:5432/ragline (kept secret: "
+        "it may hold a password)",
     )
     db_schema: str = Field(
         default="ragline", pattern=r"^[a-z_][a-z0-9_]{0,62}$",

@@ -128,7 +128,8 @@ def _text_search_statements(schema: str) -> list[str]:
         f"CREATE TEXT SEARCH CONFIGURATION {schema}.ragline (PARSER = default)",
         f"ALTER TEXT SEARCH CONFIGURATION {schema}.ragline ADD MAPPING FOR "
         f"asciiword, word, numword, asciihword, hword, numhword WITH {schema}.ragline_stem",
-        f"ALTER TEXT SEARCH CONFIGURATION {schema}.ragline ADD MAPPING FOR int, uint, float, sfloat, version WITH simple",
+        f"ALTER TEXT SEARCH CONFIGURATION {schema}.ragline ADD MAPPING FOR "
+        "int, uint, float, sfloat, version WITH simple",
     ]
 
 
@@ -264,7 +265,7 @@ class PgVectorStore:
         store = settings.store
         if not store.url:
             raise StoreError("store.backend pgvector needs store.url: a postgresql:// URL")
-        return cls(store.url, store.db_schema, store.pool_size, store.connect_timeout_s, store.ef_search,
+        return cls(store.url.get_secret_value(), store.db_schema, store.pool_size, store.connect_timeout_s, store.ef_search,
                    store.exact_search_rows)
 
     def _configure(self, conn: psycopg.Connection) -> None:
@@ -322,7 +323,9 @@ class PgVectorStore:
             return
         conn.execute(f"ALTER TABLE chunks ALTER COLUMN embedding TYPE vector({dim})")
         if dim <= HNSW_MAX_DIMS:
-            conn.execute("CREATE INDEX IF NOT EXISTS chunks_embedding ON chunks USING hnsw (embedding vector_cosine_ops)")
+            conn.execute(
+                "CREATE INDEX IF NOT EXISTS chunks_embedding ON chunks USING hnsw (embedding vector_cosine_ops)"
+            )
         else:
             log.warning("%d-d vectors are more than pgvector's HNSW index takes (%d): dense search scans every "
                         "allowed chunk", dim, HNSW_MAX_DIMS)
@@ -355,7 +358,7 @@ class PgVectorStore:
             conn.execute("DELETE FROM chunks WHERE doc_id = %s", (record.doc_id,))
             conn.execute("DELETE FROM access WHERE doc_id = %s", (record.doc_id,))
             conn.execute(
-                f"INSERT INTO documents({DOCUMENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO documents({DOCUMENT_COLUMNS}) VALUES ({', '.join(['%s'] * 13)}) "
                 "ON CONFLICT (doc_id) DO UPDATE SET source = EXCLUDED.source, root = EXCLUDED.root, "
                 "size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256, "
                 "fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status, error = EXCLUDED.error, "
@@ -562,7 +565,8 @@ class PgVectorStore:
             depth = request.k + TIE_SLACK
             ranked = []
             if request.mode != "keyword":
-                ranked.append(self._dense(conn, request.vector, int(meta["dim"]), depth, generation, total, restriction))
+                dim = int(meta["dim"])
+                ranked.append(self._dense(conn, request.vector, dim, depth, generation, total, restriction))
             if request.mode != "dense":
                 ranked.append(self._keyword(conn, request.text, depth, generation, total, restriction))
             seqs = sorted({seq for rows in ranked for seq, _ in rows})
@@ -572,14 +576,11 @@ class PgVectorStore:
                 "WHERE c.seq = ANY(%s)",
                 (seqs,),
             ).fetchall()
-        chunks = {row[0]: (Chunk(row[1], row[2], row[3], row[4]), row[5] if request.with_vectors else None)
-                  for row in found}
+        chunks = {row[0]: Chunk(row[1], row[2], row[3], row[4]) for row in found}
+        vectors = {row[0]: np.asarray(row[5], np.float32) for row in found} if request.with_vectors else {}
         lists = []
         for rows in ranked:
-            hits = [
-                Hit(chunks[seq][0], float(score), None if chunks[seq][1] is None else np.asarray(chunks[seq][1], np.float32))
-                for seq, score in rows
-            ]
+            hits = [Hit(chunks[seq], float(score), vectors.get(seq)) for seq, score in rows]
             hits.sort(key=lambda hit: (-float(f"{hit.score:.{TIE_DIGITS}g}"), hit.chunk.chunk_id))
             lists.append(hits[: request.k])
         if len(lists) == 1:
@@ -606,7 +607,8 @@ class PgVectorStore:
         few = bool(restriction.conditions) and allowed <= self._exact_search_rows
         if dim <= HNSW_MAX_DIMS and not few:
             conn.execute(
-                "SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                "SELECT set_config('hnsw.ef_search', %s, true), "
+                "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
                 (str(min(max(self._ef_search, depth), MAX_EF_SEARCH)),),
             )
             rows = conn.execute(dense_sql(restriction.conditions, exact=False), params).fetchall()
@@ -636,7 +638,9 @@ class PgVectorStore:
         parts = []
         for number, (query, count) in enumerate(scored):
             params[f"term{number}"], params[f"idf{number}"] = query, math.log(1 + (total - count + 0.5) / (count + 0.5))
-            parts.append(f"%(idf{number})s * ts_rank_cd(%(weights)s::real[], c.keywords, %(term{number})s::tsquery, 32)")
+            parts.append(
+                f"%(idf{number})s * ts_rank_cd(%(weights)s::real[], c.keywords, %(term{number})s::tsquery, 32)"
+            )
         return conn.execute(
             f"SELECT c.seq, ({' + '.join(parts)}) AS score FROM chunks c "
             f"WHERE c.keywords @@ %(any)s::tsquery{restriction.sql} "
