@@ -165,8 +165,10 @@ def test_a_truncated_int8_export_is_quantized_again_without_exporting(embedder, 
     folder = tmp_path / onnx_int8.model_path.parent.name
     shutil.copytree(onnx_int8.model_path.parent, folder)
     fp32_before = (folder / "model-fp32.onnx").stat()
+    int8_size = (folder / "model-int8.onnx").stat().st_size
     truncate(folder / "model-int8.onnx")
     onnx = OnnxEmbedder(EmbedderSettings(backend="onnx", precision="int8"), cache_dir=tmp_path)
+    assert (folder / "model-int8.onnx").stat().st_size == int8_size
     fp32_after = (folder / "model-fp32.onnx").stat()
     assert (fp32_after.st_ino, fp32_after.st_mtime_ns) == (fp32_before.st_ino, fp32_before.st_mtime_ns)
     assert rowwise_cosine(onnx.embed_documents(PASSAGES), embedder.embed_documents(PASSAGES)).min() > 0.99

@@ -96,8 +96,8 @@ class EmbedderSettings(_Strict):
     device: str = "cpu"
     precision: Literal["fp32", "int8"] = Field(
         default="fp32",
-        description="weights of the onnx backend: fp32, or int8 (quantized: faster on CPU, cosine ≥ 0.99 to fp32); "
-        "other backends ignore it",
+        description="weights of the onnx backend: fp32, or int8 (quantized: cosine ≥ 0.99 to fp32; faster by "
+        "as much as the CPU's int8 instructions allow); other backends ignore it",
     )
     threads: int | None = Field(
         default=None, ge=1, le=256,
