@@ -101,7 +101,8 @@ def test_a_job_interrupted_by_kill_9_is_resumed_by_the_next_server(config, tmp_p
         job_id = upload.json()["id"]
         deadline = time.monotonic() + 60
         while httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=headers).json()["status"] == "queued":
-            assert time.monotonic() < deadline
+            if time.monotonic() > deadline:
+                pytest.fail("the job was never claimed")
             time.sleep(0.05)
         server.kill()  # mid-job: the lease stops being renewed
     finally:
@@ -112,7 +113,8 @@ def test_a_job_interrupted_by_kill_9_is_resumed_by_the_next_server(config, tmp_p
         deadline = time.monotonic() + 240
         while (job := httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=headers).json())["status"] != "succeeded":
             assert job["status"] != "failed", job
-            assert time.monotonic() < deadline, job
+            if time.monotonic() > deadline:
+                pytest.fail(f"the job did not finish: {job}")
             time.sleep(0.2)
         assert job["attempts"] >= 2  # claimed again after the kill
         documents = httpx.get(f"{server.url}/v1/documents", headers=headers).json()
