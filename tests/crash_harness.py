@@ -1,12 +1,16 @@
 """Run `ragline ingest` as a real process and SIGKILL it at a chosen moment (for test_crash_safety.py).
 
 A run is watched from outside, the way a crash would meet it: commits to the
-store are counted with `PRAGMA data_version` on a read-only connection, and
-new entries under <data_dir>/index/ (the persisted snapshot) are spotted by
+store are counted by a `CommitWatcher` of the store's kind (the local store's
+SQLite file by `PRAGMA data_version` on a read-only connection; a store that
+other processes may open while the ingest writes, such as pgvector, by its
+`index_version()` read through a handle of this process), and new entries
+under <data_dir>/index/ (the local store's persisted snapshot) are spotted by
 polling the folder every quarter millisecond (woken at once by inotify when
 a file appears there, and without a pause once a snapshot is being
 written), so a kill can be aimed at the n-th write of a run or at the
-moment the n-th snapshot file appears. Neither
+moment the n-th snapshot file appears. A store that neither can watch is
+killed after a random delay instead. Neither
 watcher knows the store's file names, so they keep working when the snapshot
 format changes.
 """
@@ -22,10 +26,15 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from ragline.store.base import VectorStore
 
 POLL_S = 0.00025
+VERSION_POLL_S = 0.002  # a query to another process's server per poll: not a busy loop on a shared CPU
 IDLE_POLL_S = 0.01  # a run that is not to be killed is only watched for its exit
 RUN_DEADLINE_S = 300
 LEFTOVER_DEADLINE_S = 30
@@ -33,7 +42,8 @@ LEFTOVER_DEADLINE_S = 30
 
 @dataclass(frozen=True, slots=True)
 class KillPlan:
-    """Kill once `at` commits ("commits") or `at` new snapshot entries ("snapshot") were seen, `delay_s` later."""
+    """Kill once `at` commits ("commits") or `at` new snapshot entries ("snapshot") were seen, `delay_s` later;
+    or ("delay") `delay_s` after the start, for a store that cannot be watched."""
 
     trigger: str
     at: int
@@ -45,6 +55,7 @@ class RunOutcome:
     killed: bool
     commits_seen: int
     snapshot_entries_seen: int
+    seconds: float
     report: dict | None = None
 
 
@@ -65,8 +76,22 @@ class CrashTally:
     files_added: int = 0
 
 
-class CommitCounter:
+class CommitWatcher(Protocol):
+    """Counts the commits another process makes to a store, polled every `poll_s`."""
+
+    poll_s: float
+
+    def poll(self) -> int:
+        """The commits seen so far."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteCommits:
     """Counts the commits other processes make to a SQLite database, by polling `PRAGMA data_version`."""
+
+    poll_s = POLL_S
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -82,17 +107,46 @@ class CommitCounter:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=0.01)
             version = self._db.execute("PRAGMA data_version").fetchone()[0]
         except sqlite3.Error:  # being created, or waiting for the writer to recover its WAL after a kill
-            self.close()
+            self._disconnect()
             return self.count
         if self._version is not None and version != self._version:
             self.count += 1
         self._version = version
         return self.count
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         if self._db is not None:
             self._db.close()
         self._db, self._version = None, None
+
+    def close(self) -> None:
+        self._disconnect()
+
+
+class IndexVersionCommits:
+    """Counts the commits that change a store's chunks or access, by polling its `index_version()` through a
+    handle of this process's own: for stores that other processes may open while the ingest writes.
+
+    Commits that fall between two polls count once: a kill aimed at the n-th
+    comes a little later, never earlier.
+    """
+
+    poll_s = VERSION_POLL_S
+
+    def __init__(self, open_store: Callable[[], VectorStore]) -> None:
+        self.count = 0
+        self._store = open_store()
+        self._version = self._store.index_version()
+
+    def poll(self) -> int:
+        version = self._store.index_version()
+        if version != self._version:
+            self.count += 1
+        self._version = version
+        return self.count
+
+    def close(self) -> None:
+        self._store.close()
 
 
 class FolderWakeup:
@@ -179,17 +233,26 @@ def _wait_for_leftovers(group: int) -> None:
         time.sleep(0.05)
 
 
-def run_ingest(command: list[str], env: dict[str, str], data_dir: Path, plan: KillPlan | None) -> RunOutcome:
+def run_ingest(
+    command: list[str], env: dict[str, str], plan: KillPlan | None, commits: CommitWatcher | None = None,
+    snapshot_dir: Path | None = None,
+) -> RunOutcome:
     """Run one ingest; with a plan, SIGKILL it at the planned moment unless it finishes first.
 
-    A run that ends by itself must succeed; its `--json` report, if any, is returned.
+    `commits` watches the store's commits (a "commits" plan needs it), `snapshot_dir` is where the store
+    persists its snapshot (a "snapshot" plan needs it); the watcher is closed afterwards. A run that ends by
+    itself must succeed; its `--json` report, if any, is returned.
     """
-    index_dir = data_dir / "index"
-    before = folder_entries(index_dir)
-    commits = CommitCounter(data_dir / "store.sqlite")
-    commits.poll()
+    if plan is not None:
+        needed = {"commits": commits, "snapshot": snapshot_dir, "delay": True}[plan.trigger]
+        assert needed is not None, f"a {plan.trigger} kill needs its watcher"
+    before = folder_entries(snapshot_dir) if snapshot_dir else set()
+    seen = commits.poll() if commits else 0
+    poll_s = commits.poll_s if commits else POLL_S
     new_entries: set[tuple[str, int]] = set()
-    wakeup = FolderWakeup(index_dir)
+    wakeup = FolderWakeup(snapshot_dir) if snapshot_dir else None
+    wait = wakeup.wait if wakeup else time.sleep
+    started = time.monotonic()
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
         try:
@@ -198,14 +261,15 @@ def run_ingest(command: list[str], env: dict[str, str], data_dir: Path, plan: Ki
             while not fire and process.poll() is None:
                 if time.monotonic() >= deadline:  # a hang guard, 100x a run's length: not a speed check
                     raise TimeoutError(f"`{' '.join(command)}` still running after {RUN_DEADLINE_S} s")
-                seen = commits.poll()
-                new_entries |= folder_entries(index_dir) - before
+                seen = commits.poll() if commits else 0
+                if snapshot_dir:
+                    new_entries |= folder_entries(snapshot_dir) - before
                 if plan is None:
                     time.sleep(IDLE_POLL_S)
                     continue
-                fire = (seen if plan.trigger == "commits" else len(new_entries)) >= plan.at
+                fire = plan.trigger == "delay" or (seen if plan.trigger == "commits" else len(new_entries)) >= plan.at
                 if not (fire or plan.trigger == "snapshot" and new_entries):  # spin while a snapshot is written
-                    wakeup.wait(POLL_S)
+                    wait(poll_s)
             if fire:
                 if plan.delay_s:
                     time.sleep(plan.delay_s)
@@ -215,9 +279,12 @@ def run_ingest(command: list[str], env: dict[str, str], data_dir: Path, plan: Ki
             if process.poll() is None:
                 process.kill()
                 process.wait()
-            commits.close()
-            wakeup.close()
+            if commits:
+                commits.close()
+            if wakeup:
+                wakeup.close()
             _wait_for_leftovers(process.pid)
+        seconds = time.monotonic() - started
         killed = process.returncode == -signal.SIGKILL
         report = None
         if not killed:
@@ -227,4 +294,4 @@ def run_ingest(command: list[str], env: dict[str, str], data_dir: Path, plan: Ki
             output = stdout.read().decode()
             if "--json" in command:
                 report = json.loads(output)
-    return RunOutcome(killed, commits.count, len(new_entries), report)
+    return RunOutcome(killed, seen, len(new_entries), seconds, report)

@@ -239,6 +239,21 @@ class KeywordContract:
         assert [c.text for c in store.document_chunks("paths")] == KEYWORD_TEXTS["paths"]
         assert store.document_chunks("missing") == []
 
+    def test_export_document_returns_what_was_stored(self, store):
+        texts = ["first passage about tides", "second passage about reefs", "third"]
+        put_texts(store, "doc", texts, owner=("acme", ["eng", "ops"]), page=3, tags=["x", "y"])
+        put_texts(store, "empty", [])
+        record_, chunks, vectors = store.export_document("doc")
+        assert (record_.doc_id, record_.tenant, record_.groups) == ("doc", "acme", ["eng", "ops"])
+        assert record_.chunk_ids == ["doc-0", "doc-1", "doc-2"] == [chunk.chunk_id for chunk in chunks]
+        assert [chunk.text for chunk in chunks] == texts
+        assert chunks[0].metadata == {"title": "doc", "page": 3, "tags": ["x", "y"]}
+        assert vectors.dtype == np.float32 and vectors.shape == (3, DIM)
+        np.testing.assert_array_equal(vectors, np.stack([text_vector(text) for text in texts]))
+        empty_record, empty_chunks, empty_vectors = store.export_document("empty")
+        assert (empty_record.doc_id, empty_chunks, len(empty_vectors)) == ("empty", [], 0)
+        assert store.export_document("missing") is None
+
 
 OWNERS = {  # doc_id: (tenant, groups)
     "acme-all": ("acme", [EVERYONE]),

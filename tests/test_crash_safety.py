@@ -2,11 +2,16 @@
 
 Rounds over one index: a fresh ingest, then re-ingests after files were
 edited, deleted and added. In each round the ingest process is killed again
-and again — after a random number of writes, and the moment a new snapshot
-file appears under <data_dir>/index/ — then run to completion. The tables
-must then equal, and the search results for fixed queries (read through a
-freshly opened store, which loads the snapshot) must be those of an
+and again — after a random number of writes (after random delays for a store
+that cannot be watched while it is written), and, for the local store, the
+moment a new snapshot file appears under <data_dir>/index/ — then run to
+completion. What the store holds (read through the store protocol) must then
+equal, and the search results for fixed queries (read through a freshly
+opened store; the local one loads the snapshot) must be those of an
 uninterrupted run over the same files.
+
+The suite runs against each store of CRASH_STORES: another store is one
+more entry there (see `CrashStore`).
 
 The ingest processes embed through the OpenAI-compatible backend, served on
 loopback from this test process's copy of the default model: the vectors are
@@ -19,25 +24,28 @@ from __future__ import annotations
 import json
 import os
 import random
-import sqlite3
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
+from pydantic import SecretStr
 
-from crash_harness import CrashTally, KillPlan, RunOutcome, run_ingest
+from crash_harness import (
+    CommitWatcher, CrashTally, IndexVersionCommits, KillPlan, RunOutcome, SqliteCommits, run_ingest,
+)
 from scripted_llm_server import Reply, ScriptedLLMServer
 from ragline.app import Ragline
-from ragline.config import Settings, SourceSettings
+from ragline.config import RetrieveSettings, Settings, SourceSettings, StoreSettings
 from ragline.store.base import Scope
 
 SEED = int(os.environ.get("CRASH_SUITE_SEED", "6"))
 FILES = 36
 SECTIONS = 4  # each section fits one chunk, so every file has SECTIONS chunks
-MIN_KILLS = 50
+MIN_KILLS = 50  # of the local store; CrashStore.min_kills for each store
 EVERYTHING = Scope.everything()
 MIN_ROUNDS = 3  # a fresh ingest, then two re-ingests of a changed corpus
 MAX_ROUNDS = 8
@@ -125,28 +133,114 @@ class Corpus:
         return edit + 2 * delete
 
 
-def index_state(data_dir: Path) -> dict:
-    """Manifest, chunks and vectors, minus the timestamps that differ between runs."""
-    db = sqlite3.connect(data_dir / "store.sqlite")
+@dataclass(frozen=True)
+class CrashStore:
+    """A store the suite runs against: how it names an index, and how an ingest into it is watched."""
+
+    name: str
+    store_settings: Callable[[str], StoreSettings]
+    """The store settings of the index called that (an index name: lowercase letters, digits and _)."""
+    commits: Callable[[Settings], CommitWatcher] | None
+    """A watcher of the index's commits, opened before each run; None: the store cannot be watched while
+    another process writes it, and runs are killed after random delays."""
+    snapshots: bool
+    """Whether the store persists a snapshot under <data_dir>/index/ (runs are killed while it is written)."""
+    min_kills: int
+    compared_mode: str = "hybrid"
+    """The search mode whose results must equal an uninterrupted run's."""
+
+    def settings(self, root: Path, index: str) -> Settings:
+        return Settings(data_dir=root / index, store=self.store_settings(index),
+                        retrieve=RetrieveSettings(mode=self.compared_mode))
+
+
+def local_store(request: pytest.FixtureRequest) -> Iterator[CrashStore]:
+    yield CrashStore(
+        "local", lambda index: StoreSettings(), lambda settings: SqliteCommits(settings.data_dir / "store.sqlite"),
+        snapshots=True, min_kills=MIN_KILLS,
+    )
+
+
+def pgvector_store(request: pytest.FixtureRequest) -> Iterator[CrashStore]:
+    """Indexes in schemas of the session's PostgreSQL server (tests/conftest.py), dropped afterwards."""
+    import psycopg
+
+    url = request.getfixturevalue("pgvector_url")
+    prefix = f"crash_{uuid.uuid4().hex[:8]}"
+    yield CrashStore(
+        "pgvector", lambda index: StoreSettings(backend="pgvector", url=url, db_schema=f"{prefix}_{index}"),
+        lambda settings: IndexVersionCommits(lambda: Ragline(settings).store), snapshots=False, min_kills=20,
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        made = conn.execute("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)", (prefix,)).fetchall()
+        for (schema,) in made:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def qdrant_store(request: pytest.FixtureRequest) -> Iterator[CrashStore]:
+    """Qdrant's local mode under each index's data folder: one process at a time, so kills come after delays."""
+    yield CrashStore("qdrant", lambda index: StoreSettings(backend="qdrant"), None, snapshots=False, min_kills=15)
+
+
+def milvus_store(request: pytest.FixtureRequest) -> Iterator[CrashStore]:
+    """Milvus Lite in each index's data folder: one process at a time, so kills come after delays.
+
+    Dense results are compared: Milvus keeps BM25 statistics per segment and counts deleted rows in them, so its
+    keyword scores depend on the history of writes and flushes (a re-ingest without kills differs from a fresh
+    index too), not only on what the index holds.
+    """
+    yield CrashStore("milvus", lambda index: StoreSettings(backend="milvus"), None, snapshots=False, min_kills=15,
+                     compared_mode="dense")
+
+
+CRASH_STORES: dict[str, Callable[[pytest.FixtureRequest], Iterator[CrashStore]]] = {
+    "local": local_store,
+    "pgvector": pgvector_store,
+    "qdrant": qdrant_store,
+    "milvus": milvus_store,
+}
+
+
+@pytest.fixture(params=list(CRASH_STORES))
+def crash_store(request) -> Iterator[CrashStore]:
+    yield from CRASH_STORES[request.param](request)
+
+
+def store_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives an ingest process these settings' data_dir and store (`RAGLINE_STORE__*`)."""
+    env = {"RAGLINE_DATA_DIR": str(settings.data_dir)}
+    for name, value in settings.store.model_dump(exclude_defaults=True).items():
+        env[f"RAGLINE_STORE__{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    return env
+
+
+def index_state(settings: Settings) -> dict:
+    """Manifest, chunks and vectors as the store gives them (`documents()`, `export_document`), minus the
+    timestamps that differ between runs."""
+    app = Ragline(settings)
     try:
-        docs = sorted(db.execute("SELECT doc_id, source, size, sha256, fingerprint, status, error FROM documents"))
+        records = app.store.documents()
+        docs = sorted(
+            (r.doc_id, r.source, r.size, r.sha256, r.fingerprint, r.status, r.error, tuple(r.chunk_ids))
+            for r in records
+        )
         chunks, vectors = {}, {}
-        for chunk_id, doc_id, text, metadata, blob in db.execute(
-            "SELECT chunk_id, doc_id, text, metadata, vector FROM chunks"
-        ):
-            meta = json.loads(metadata)
-            meta.pop("ingested_at")
-            chunks[chunk_id] = (doc_id, text, json.dumps(meta, sort_keys=True))
-            vectors[chunk_id] = np.frombuffer(blob, dtype=np.float32)
-        orphans = db.execute("SELECT COUNT(*) FROM chunks WHERE doc_id NOT IN (SELECT doc_id FROM documents)")
-        return {"documents": docs, "chunks": chunks, "vectors": vectors, "orphans": orphans.fetchone()[0]}
+        for record in records:
+            _, doc_chunks, doc_vectors = app.store.export_document(record.doc_id)
+            for chunk, vector in zip(doc_chunks, doc_vectors, strict=True):
+                meta = dict(chunk.metadata)
+                meta.pop("ingested_at")
+                chunks[chunk.chunk_id] = (chunk.doc_id, chunk.text, json.dumps(meta, sort_keys=True))
+                vectors[chunk.chunk_id] = vector
+        orphans = app.store.count() - sum(len(record.chunk_ids) for record in records)
+        return {"documents": docs, "chunks": chunks, "vectors": vectors, "orphans": orphans}
     finally:
-        db.close()
+        app.close()
 
 
-def search_results(data_dir: Path, embedder) -> list[list[tuple[str, float]]]:
+def search_results(settings: Settings, embedder) -> list[list[tuple[str, float]]]:
     """(chunk id, score) of the top K+1 hits per query, through a freshly opened store (it loads the snapshot)."""
-    app = Ragline(Settings(data_dir=data_dir))
+    app = Ragline(settings)
     app.__dict__["embedder"] = embedder
     try:
         results = app.retriever.search_many(QUERIES, K + 1, scope=EVERYTHING)
@@ -173,23 +267,23 @@ def assert_same_hits(got: list[tuple[str, float]], want: list[tuple[str, float]]
         )
 
 
-def assert_same_as_uninterrupted(data_dir: Path, reference_dir: Path, corpus: Corpus, embedder, label: str) -> None:
-    reference = Ragline(Settings(data_dir=reference_dir))
-    reference.__dict__["embedder"] = embedder
-    reference.indexer().run([SourceSettings(path=corpus.root)])
-    reference.close()
+def assert_same_as_uninterrupted(killed: Settings, reference: Settings, corpus: Corpus, embedder, label: str) -> None:
+    app = Ragline(reference)
+    app.__dict__["embedder"] = embedder
+    app.indexer().run([SourceSettings(path=corpus.root)])
+    app.close()
 
-    killed, clean = index_state(data_dir), index_state(reference_dir)
-    assert killed["orphans"] == 0, label
-    assert killed["documents"] == clean["documents"], label
-    assert killed["chunks"] == clean["chunks"], label
-    for chunk_id, vector in killed["vectors"].items():
+    got, clean = index_state(killed), index_state(reference)
+    assert got["orphans"] == 0, label
+    assert got["documents"] == clean["documents"], label
+    assert got["chunks"] == clean["chunks"], label
+    for chunk_id, vector in got["vectors"].items():
         assert float(vector @ clean["vectors"][chunk_id]) > 0.9999, f"{label}: stored vector of {chunk_id}"
 
-    # The tables match an uninterrupted run; what is left to differ is the matrix that searches read.
-    got, want = search_results(data_dir, embedder), search_results(reference_dir, embedder)
-    for query, got_hits, want_hits in zip(QUERIES, got, want):
-        assert_same_hits(got_hits, want_hits, f"{label}: search {query!r}, killed runs vs an uninterrupted one")
+    # The stores match an uninterrupted run; what is left to differ is the index that searches read.
+    got_hits, want_hits = search_results(killed, embedder), search_results(reference, embedder)
+    for query, got_query, want_query in zip(QUERIES, got_hits, want_hits):
+        assert_same_hits(got_query, want_query, f"{label}: search {query!r}, killed runs vs an uninterrupted one")
 
 
 @pytest.fixture(scope="module")
@@ -219,19 +313,27 @@ def embedding_server(embedder) -> Iterator[dict[str, str]]:
 class Ingests:
     """Runs `ragline ingest` on one index, killing runs as planned, and keeps the tally."""
 
-    def __init__(self, corpus: Corpus, data_dir: Path, tally: CrashTally, embedder_env: dict[str, str]) -> None:
+    def __init__(
+        self, corpus: Corpus, crash_store: CrashStore, settings: Settings, tally: CrashTally,
+        embedder_env: dict[str, str],
+    ) -> None:
         self.command = [sys.executable, "-m", "ragline", "ingest", str(corpus.root)]
         self.env = {
-            **os.environ, **embedder_env,
-            "RAGLINE_DATA_DIR": str(data_dir), "RAGLINE_INGEST__EMBED_GROUP_CHUNKS": "4",
+            **os.environ, **embedder_env, **store_env(settings), "RAGLINE_INGEST__EMBED_GROUP_CHUNKS": "4",
         }
-        self.data_dir, self.tally = data_dir, tally
+        self.crash_store, self.settings, self.tally = crash_store, settings, tally
         self.last_killed = False
         self.snapshot_entries = 3
         """How many new entries under index/ a whole run makes, as last seen: where a snapshot kill can aim."""
+        self.run_seconds = 5.0
+        """How long a whole run took, as last seen: the range of delay kills."""
 
     def run(self, plan: KillPlan | None = None, json_report: bool = False) -> RunOutcome:
-        outcome = run_ingest(self.command + ["--json"] * json_report, self.env, self.data_dir, plan)
+        watch = self.crash_store.commits
+        outcome = run_ingest(
+            self.command + ["--json"] * json_report, self.env, plan, watch(self.settings) if watch else None,
+            self.settings.data_dir / "index" if self.crash_store.snapshots else None,
+        )
         tally = self.tally
         tally.runs += 1
         tally.resumed_runs += self.last_killed
@@ -243,25 +345,40 @@ class Ingests:
         else:
             tally.finished_before_the_kill += plan is not None
             self.snapshot_entries = outcome.snapshot_entries_seen or self.snapshot_entries
+            self.run_seconds = outcome.seconds
         return outcome
+
+    def write_kill(self, rng: random.Random, remaining: int) -> KillPlan:
+        """After a random number of commits (within what the round still has to write) plus up to 100 ms; for a
+        store that cannot be watched, after a random part of a whole run's time.
+
+        A store without snapshot kills aims within the first third of what is left, so that its rounds hold
+        several kills before the writes run out.
+        """
+        if self.crash_store.commits is None:
+            return KillPlan("delay", 0, rng.uniform(0, self.run_seconds))
+        reach = remaining - 1 if self.crash_store.snapshots else remaining // 3
+        return KillPlan("commits", rng.randint(1, max(1, reach)), rng.uniform(0, 0.1))
 
     def crash_round(self, rng: random.Random, writes: int, churn: Callable[[], int] | None) -> None:
         """Kill runs until the round's kills are spent or a run finishes first.
 
-        First after a random number of commits (within what the round still
-        has to write) plus a random delay of up to 100 ms, then the moment the
-        n-th new entry appears under index/ (n random, within what a whole
-        run writes there) plus, half the time, a random delay of up to 2 ms.
+        First while it writes (`write_kill`), then, for a store with
+        snapshots, the moment the n-th new entry appears under index/ (n
+        random, within what a whole run writes there) plus, half the time, a
+        random delay of up to 2 ms.
         """
         remaining = writes + 2  # + each run's own meta writes
         for _ in range(rng.randint(7, 10)):
-            outcome = self.run(KillPlan("commits", rng.randint(1, max(1, remaining - 1)), rng.uniform(0, 0.1)))
+            outcome = self.run(self.write_kill(rng, remaining))
             if not outcome.killed:
                 break
             remaining = max(1, remaining - outcome.commits_seen)
             if churn is not None:  # files change again between two killed runs, once a round
                 remaining += churn()
                 churn = None
+        if not self.crash_store.snapshots:
+            return
         for _ in range(rng.randint(7, 9)):
             delay = rng.choice([0.0, rng.uniform(0, 0.002)])
             outcome = self.run(KillPlan("snapshot", rng.randint(1, self.snapshot_entries), delay))
@@ -270,16 +387,18 @@ class Ingests:
 
 
 @pytest.mark.slow
-def test_killed_ingests_resume_to_the_search_results_of_an_uninterrupted_run(tmp_path, embedder, embedding_server):
+def test_killed_ingests_resume_to_the_search_results_of_an_uninterrupted_run(
+    tmp_path, embedder, embedding_server, crash_store,
+):
     rng = random.Random(SEED)
     tally = CrashTally()
     corpus = Corpus(tmp_path / "corpus", rng)
     corpus.add(FILES)
-    data_dir = tmp_path / "killed"
-    ingests = Ingests(corpus, data_dir, tally, embedding_server)
+    killed = crash_store.settings(tmp_path, "killed")
+    ingests = Ingests(corpus, crash_store, killed, tally, embedding_server)
 
-    while tally.rounds < MIN_ROUNDS or (tally.kills < MIN_KILLS and tally.rounds < MAX_ROUNDS):
-        label = f"round {tally.rounds} (seed {SEED})"
+    while tally.rounds < MIN_ROUNDS or (tally.kills < crash_store.min_kills and tally.rounds < MAX_ROUNDS):
+        label = f"{crash_store.name} store, round {tally.rounds} (seed {SEED})"
         if tally.rounds == 0:
             ingests.crash_round(rng, FILES, churn=None)
         else:
@@ -294,11 +413,13 @@ def test_killed_ingests_resume_to_the_search_results_of_an_uninterrupted_run(tmp
         )
         assert report["unchanged"] == len(corpus.files), label
 
-        assert_same_as_uninterrupted(data_dir, tmp_path / f"reference-{tally.rounds}", corpus, embedder, label)
+        reference = crash_store.settings(tmp_path, f"reference_{tally.rounds}")
+        assert_same_as_uninterrupted(killed, reference, corpus, embedder, label)
         tally.queries_compared += len(QUERIES)
         tally.rounds += 1
         print(f"\n{label}: {tally}")
 
-    print(f"\ncrash suite (seed {SEED}): {tally}")
-    assert tally.kills >= MIN_KILLS
-    assert tally.kills_during_snapshot > 0
+    print(f"\ncrash suite, {crash_store.name} store (seed {SEED}): {tally}")
+    assert tally.kills >= crash_store.min_kills
+    if crash_store.snapshots:
+        assert tally.kills_during_snapshot > 0

@@ -1,4 +1,8 @@
-"""Filters and k at the edges: `check_filters`, the CLI's `--filter` parsing, and the retriever's k."""
+"""Filters and k at the edges: `check_filters`, the CLI's `--filter` parsing, and the retriever's k.
+
+The tests that take the `store` fixture are store-neutral: the modules of the other stores collect them again
+against their own `store` fixture.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,15 @@ from ragline.config import RetrieveSettings
 from ragline.retrieve.retriever import Retriever
 from ragline.store.base import MAX_IN_VALUES, FilterError, check_filters
 from ragline.store.local import LocalStore
+
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = LocalStore(tmp_path / "index")
+    yield store
+    store.close()
+
 
 FIELDS = {"format": "str", "page": "int", "score": "float", "draft": "bool", "heading_path": "list[str]"}
 
@@ -71,12 +84,10 @@ def test_cli_filters_that_do_not_fit_are_bad_parameters(item, problem):
         parse_filters([item], FIELDS)
 
 
-def test_cli_filter_on_an_int_field_matches(tmp_path):
-    store = LocalStore(tmp_path)
+def test_cli_filter_on_an_int_field_matches(store):
     put(store, "a", [0], page=3)
     put(store, "b", [1], page=4)
     assert store.count(parse_filters(["page=3"], store.filter_fields())) == 1
-    store.close()
 
 
 def test_cli_search_with_an_unknown_field_fails_naming_the_known_ones(tmp_path, monkeypatch, capsys):
@@ -91,8 +102,7 @@ def test_cli_search_with_an_unknown_field_fails_naming_the_known_ones(tmp_path, 
     assert "unknown filter field 'pagee'" in error and "page (int)" in error
 
 
-def test_the_retriever_refuses_k_below_one(tmp_path, embedder):
-    store = LocalStore(tmp_path)
+def test_the_retriever_refuses_k_below_one(store, embedder):
     chunks = chunks_for("a", 1)
     store.upsert_document(record("a"), chunks, embedder.embed_documents([c.text for c in chunks]))
     retriever = Retriever(embedder, store, RetrieveSettings(top_k=5))
@@ -100,5 +110,4 @@ def test_the_retriever_refuses_k_below_one(tmp_path, embedder):
         with pytest.raises(ValueError, match="k must be at least 1"):
             retriever.search("cache", k, scope=EVERYTHING)
     assert len(retriever.search("cache", scope=EVERYTHING).hits) == 1
-    store.close()
 

@@ -15,7 +15,6 @@ from store_contract import (
     EVERYTHING,
     StoreContract,
     assert_hits_pair_right,
-    chunks_for,
     dense,
     ids,
     put,
@@ -24,7 +23,9 @@ from store_contract import (
     text_vector,
 )
 
-# The store-generic checks of test_store_search.py, collected here again against this module's `store` fixture.
+# The store-generic checks of test_store_search.py and test_store_filters.py, collected here again against this
+# module's `store` fixture.
+from test_store_filters import test_cli_filter_on_an_int_field_matches, test_the_retriever_refuses_k_below_one  # noqa: F401
 from test_store_search import (  # noqa: F401
     test_a_hybrid_search_fuses_exactly_what_its_halves_find_alone,
     test_a_large_index_scores_only_the_informative_terms,
@@ -34,9 +35,7 @@ from test_store_search import (  # noqa: F401
 
 from ragline.app import Ragline
 from ragline.cli import run
-from ragline.cli.common import parse_filters
-from ragline.config import RetrieveSettings, Settings, StoreSettings
-from ragline.retrieve.retriever import Retriever
+from ragline.config import Settings, StoreSettings
 from ragline.store import pgvector
 from ragline.store.base import DEFAULT_TENANT, EVERYONE, Scope, SearchRequest, StoreError
 from ragline.store.pgvector import PgVectorStore
@@ -210,22 +209,6 @@ def test_a_dense_search_pairs_every_chunk_with_its_vector_while_another_store_wr
         put_texts(writer, "b", [f"b v{version} {i}" for i in range(3 - version)])
         query = text_vector(f"query {version}")
         assert_hits_pair_right(reader.search(dense(query, 10)), query, 10)
-
-
-def test_cli_filter_on_an_int_field_matches(store):
-    put(store, "a", [0], page=3)
-    put(store, "b", [1], page=4)
-    assert store.count(parse_filters(["page=3"], store.filter_fields())) == 1
-
-
-def test_the_retriever_refuses_k_below_one(store, embedder):
-    chunks = chunks_for("a", 1)
-    store.upsert_document(record("a"), chunks, embedder.embed_documents([c.text for c in chunks]))
-    retriever = Retriever(embedder, store, RetrieveSettings(top_k=5))
-    for k in (0, -2):
-        with pytest.raises(ValueError, match="k must be at least 1"):
-            retriever.search("cache", k, scope=EVERYTHING)
-    assert len(retriever.search("cache", scope=EVERYTHING).hits) == 1
 
 
 def test_the_app_opens_the_store_its_settings_name(pgvector_url, schema_name, tmp_path):

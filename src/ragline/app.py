@@ -50,8 +50,13 @@ class Ragline:
 
     @cached_property
     def store(self) -> VectorStore:
-        backend = registry.resolve("store", self.settings.store.backend)
-        return backend.from_settings(self.settings)
+        return self.open_store(self.settings)
+
+    def open_store(self, settings: Settings) -> VectorStore:
+        """A new handle on the store `settings` names (another index, e.g. the target of `ragline store
+        migrate`); the caller closes it."""
+        backend = registry.resolve("store", settings.store.backend)
+        return backend.from_settings(settings)
 
     @cached_property
     def chunker(self) -> Chunker:
@@ -133,7 +138,12 @@ class Ragline:
         return JobRunner(self, self.database, self.metrics)
 
     def indexer(self, progress: Progress | None = None, wait_s: float | None = None) -> Indexer:
-        """The indexer of this index; `wait_s` queues behind a running ingest for up to that long."""
+        """The indexer of this index, run by the configured `engine` (here, or on a Ray cluster); `wait_s`
+        queues behind a running ingest for up to that long."""
+        if self.settings.engine == "ray":
+            from ragline.cluster.ray_ingest import RayIndexer
+
+            return RayIndexer(self.settings, self.chunker, self.embedder, self.store, progress, wait_s)
         return Indexer(
             self.settings.ingest, self.chunker, self.embedder, self.store, self.settings.data_dir, progress, wait_s
         )

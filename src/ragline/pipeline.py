@@ -91,7 +91,7 @@ class _Silent:
 
 
 @dataclass(slots=True)
-class _Candidate:
+class Candidate:
     """A new or changed file on its way through parsing and embedding to the store."""
 
     record: DocumentRecord
@@ -162,7 +162,7 @@ class Indexer:
         self.data_dir = data_dir
         self.progress = progress or _Silent()
         self.wait_s = wait_s
-        self._pending: list[_Candidate] = []
+        self._pending: list[Candidate] = []
         self._pending_chunks = 0
 
     def fingerprint(self, source: SourceSettings, root: Path) -> str:
@@ -209,13 +209,7 @@ class Indexer:
         self.store.set_meta("embedder", self.embedder.name)
         manifest = {record.doc_id: record for record in self.store.documents()}
         seen: set[str] = set()
-        try:
-            with ParsePool(self.settings, self.chunker) as pool:
-                for candidate, result in pool.map(self._compare(planned, manifest, seen, report)):
-                    self._accept(candidate, result, report)
-        except WorkerError as exc:
-            raise IngestError(str(exc)) from exc
-        self._flush(report)
+        self._index(self._compare(planned, manifest, seen, report), report)
         roots = {printable(root) for _, root, _ in planned}
         for record in manifest.values():
             gone = any(is_under(record.source, root) for root in roots)
@@ -227,6 +221,17 @@ class Indexer:
         report.seconds = round(time.perf_counter() - started, 3)
         self.store.set_meta("last_ingest", json.dumps({"at": utc_now(), **report.to_dict()}))
         return report
+
+    def _index(self, jobs: Iterator[tuple[Candidate, ParseJob]], report: IngestReport) -> None:
+        """Parse, embed and store the new and changed files: parsing in worker processes, embedding in
+        groups of `ingest.embed_group_chunks` chunks (a distributed engine overrides this step only)."""
+        try:
+            with ParsePool(self.settings, self.chunker) as pool:
+                for candidate, result in pool.map(jobs):
+                    self._accept(candidate, result, report)
+        except WorkerError as exc:
+            raise IngestError(str(exc)) from exc
+        self._flush(report)
 
     def _check_embedder(self, full: bool) -> None:
         built_with = self.store.get_meta("embedder")
@@ -242,7 +247,7 @@ class Indexer:
         manifest: dict[str, DocumentRecord],
         seen: set[str],
         report: IngestReport,
-    ) -> Iterator[tuple[_Candidate | None, ParseJob | None]]:
+    ) -> Iterator[tuple[Candidate, ParseJob]]:
         """Each file that needs parsing, with its job; the others are settled here (unchanged, skipped…)."""
         for source, root, found in planned:
             fingerprint = self.fingerprint(source, root)
@@ -273,7 +278,7 @@ class Indexer:
         fingerprint: str,
         known: DocumentRecord | None,
         report: IngestReport,
-    ) -> tuple[_Candidate, ParseJob] | None:
+    ) -> tuple[Candidate, ParseJob] | None:
         """The parse job of a new or changed file; None when it is unchanged or cannot be read."""
         try:
             stat = item.path.stat()
@@ -303,7 +308,7 @@ class Indexer:
             report.unchanged += 1
             return None
         url = file_url(item.path, item.relative, source.url_template)
-        return _Candidate(record, is_new=known is None), ParseJob(doc_id, item.relative, url, data, root=str(root))
+        return Candidate(record, is_new=known is None), ParseJob(doc_id, item.relative, url, data, root=str(root))
 
     def _sync_access(self, known: DocumentRecord, source: SourceSettings, report: IngestReport) -> None:
         """Give an unchanged file its source's tenant and groups when they changed: access is no part
@@ -323,25 +328,32 @@ class Indexer:
         except OSError as exc:
             raise LoadError(f"cannot read: {exc.strerror}") from exc
 
-    def _accept(self, candidate: _Candidate, result: ParseResult, report: IngestReport) -> None:
+    def _accept(self, candidate: Candidate, result: ParseResult, report: IngestReport) -> None:
         """Queue a parsed file for embedding (or record why it failed); embed when the group is full."""
         self.progress.advance(candidate.record.source)
+        if not self._settle(candidate, result, report):
+            return
+        self._pending.append(candidate)
+        self._pending_chunks += len(result.chunks)
+        if self._pending_chunks >= self.settings.embed_group_chunks:
+            self._flush(report)
+
+    def _settle(self, candidate: Candidate, result: ParseResult, report: IngestReport) -> bool:
+        """Take a file's parse result: True when its chunks are to be embedded, False when the file was
+        recorded as failed or skipped instead."""
         if result.error:
             self._fail(candidate.record, result.error, report)
-            return
+            return False
         candidate.record.dependencies = result.dependencies
         if result.skipped:  # e.g. a notebook's jupytext twin: kept in the manifest, so it is not parsed again
             record = candidate.record
             record.status, record.error = "skipped", result.skipped
             self.store.upsert_document(record, [], np.zeros((0, self.embedder.dim), dtype=np.float32))
             report.skipped.append((record.source, result.skipped))
-            return
+            return False
         report.notes.extend((candidate.record.source, note) for note in result.notes)
         candidate.chunks = result.chunks
-        self._pending.append(candidate)
-        self._pending_chunks += len(result.chunks)
-        if self._pending_chunks >= self.settings.embed_group_chunks:
-            self._flush(report)
+        return True
 
     def _fail(self, record: DocumentRecord, reason: str, report: IngestReport) -> None:
         """Record the failure (dropping any chunks of an older version) and go on with the batch."""
@@ -352,35 +364,47 @@ class Indexer:
     def _flush(self, report: IngestReport) -> None:
         """Embed every waiting chunk in one call (the model stays busy), then write file by file."""
         group, self._pending, self._pending_chunks = self._pending, [], 0
-        for candidate, vectors in self._embed(group):
-            if isinstance(vectors, str):
-                self._fail(candidate.record, vectors, report)
-                continue
-            self.store.upsert_document(candidate.record, candidate.chunks, vectors)
-            (report.new if candidate.is_new else report.changed).append(candidate.record.source)
-            report.chunks += len(candidate.chunks)
-
-    def _embed(self, group: list[_Candidate]) -> Iterator[tuple[_Candidate, np.ndarray | str]]:
-        """The vectors of each file, or why it has none: a group the embedder rejects is halved
-        until the files at fault are found, so one file's error never fails the others. An
-        embedder that is down is no file's fault: the run stops, and a re-run picks up from here."""
-        if not group:
-            return
-        texts = [chunk.embed_text for candidate in group for chunk in candidate.chunks]
         try:
-            vectors = self.embedder.embed_documents(texts)
+            for candidate, vectors in zip(group, embed_files(self.embedder, [c.chunks for c in group])):
+                self._store(candidate, vectors, report)
         except EmbedderUnavailable as exc:
-            raise IngestError(f"{exc}; the files written so far are kept: re-run when it is back") from exc
-        except Exception as exc:  # a remote 400 ("input too long"), a model error on odd input
-            if len(group) == 1:
-                yield group[0], f"embedding failed: {exc}"
-                return
-            middle = len(group) // 2
-            yield from self._embed(group[:middle])
-            yield from self._embed(group[middle:])
+            raise embedder_down(exc) from exc
+
+    def _store(self, candidate: Candidate, vectors: np.ndarray | str, report: IngestReport) -> None:
+        """Write an embedded file, its chunks and manifest row in one transaction (or record why it has no vectors)."""
+        if isinstance(vectors, str):
+            self._fail(candidate.record, vectors, report)
             return
-        offset = 0
-        for candidate in group:
-            count = len(candidate.chunks)
-            yield candidate, vectors[offset : offset + count]
-            offset += count
+        self.store.upsert_document(candidate.record, candidate.chunks, vectors)
+        (report.new if candidate.is_new else report.changed).append(candidate.record.source)
+        report.chunks += len(candidate.chunks)
+
+
+def embedder_down(exc: EmbedderUnavailable) -> IngestError:
+    """An embedder that is down is no file's fault: the run stops, and a re-run picks up from here."""
+    return IngestError(f"{exc}; the files written so far are kept: re-run when it is back")
+
+
+def embed_files(embedder: Embedder, files: list[list[Chunk]]) -> Iterator[np.ndarray | str]:
+    """The vectors of each file's chunks in one call, or why a file has none: a group the embedder rejects
+    is halved until the files at fault are found, so one file's error never fails the others.
+    `EmbedderUnavailable` (the embedder is down, no file's fault) is raised."""
+    if not files:
+        return
+    texts = [chunk.embed_text for chunks in files for chunk in chunks]
+    try:
+        vectors = embedder.embed_documents(texts)
+    except EmbedderUnavailable:
+        raise
+    except Exception as exc:  # a remote 400 ("input too long"), a model error on odd input
+        if len(files) == 1:
+            yield f"embedding failed: {exc}"
+            return
+        middle = len(files) // 2
+        yield from embed_files(embedder, files[:middle])
+        yield from embed_files(embedder, files[middle:])
+        return
+    offset = 0
+    for chunks in files:
+        yield vectors[offset : offset + len(chunks)]
+        offset += len(chunks)

@@ -21,6 +21,8 @@ BUILTIN: dict[str, dict[str, str]] = {
     "store": {
         "local": "ragline.store.local:LocalStore",
         "pgvector": "ragline.store.pgvector:PgVectorStore",
+        "qdrant": "ragline.store.qdrant:QdrantStore",
+        "milvus": "ragline.store.milvus:MilvusStore",
     },
     "reranker": {
         "cross-encoder": "ragline.retrieve.rerank:CrossEncoderReranker",

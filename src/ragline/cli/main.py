@@ -23,8 +23,9 @@ from ragline.cli.common import (
 from ragline.cli.cache import cache_cli
 from ragline.cli.eval import eval_cli
 from ragline.cli.keys import keys_cli
+from ragline.cli.store import store_cli
 from ragline.cli.tune import tune_command
-from ragline.config import ConfigError, SourceSettings
+from ragline.config import ConfigError, Settings, SourceSettings
 from ragline.embed.base import EmbedderError
 from ragline.generate.base import LLMError
 from ragline.pipeline import IngestError, IngestReport
@@ -53,6 +54,7 @@ cli.add_typer(llm_cli, name="llm")
 cli.add_typer(eval_cli, name="eval")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(cache_cli, name="cache")
+cli.add_typer(store_cli, name="store")
 
 
 @cli.callback()
@@ -101,6 +103,20 @@ def _explicit_source(path: Path, url_template: str | None, configured: list[Sour
     return SourceSettings(path=path, url_template=url_template, **access)
 
 
+ENGINE_OPTION = typer.Option("--engine", help="local or ray (default: engine)")
+ADDRESS_OPTION = typer.Option(
+    "--address", help="with --engine ray: auto, ray://HOST:PORT, HOST:PORT or local (default: ray.address)"
+)
+
+
+def _with_engine(settings: Settings, engine: str | None, address: str | None) -> Settings:
+    """The settings with this call's `--engine` and `--address`."""
+    if engine not in (None, "local", "ray"):
+        raise typer.BadParameter(f"{engine!r} is not an engine: give local or ray", param_hint="--engine")
+    ray = settings.ray if address is None else settings.ray.model_copy(update={"address": address})
+    return settings.model_copy(update={"engine": engine or settings.engine, "ray": ray})
+
+
 @cli.command()
 def ingest(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="folders or files (default: ingest.sources)")] = None,
@@ -114,14 +130,17 @@ def ingest(
     wait_timeout: Annotated[
         float, typer.Option(min=0, help="with --wait: give up after this many seconds")
     ] = 3600.0,
+    engine: Annotated[Optional[str], ENGINE_OPTION] = None,
+    address: Annotated[Optional[str], ADDRESS_OPTION] = None,
 ) -> None:
     """Index folders incrementally: new and changed files are (re)indexed, deleted ones removed.
 
     Without PATHs, the folders of ingest.sources are synced and files of folders no longer
     listed there are removed; with PATHs, only those folders are synced (a PATH inside a configured
     source keeps its tenant and groups; any other goes to the default tenant, for everyone in it).
+    With --engine ray, files are parsed and embedded on a Ray cluster (ray.* settings) and written from here.
     """
-    settings = State.settings()
+    settings = _with_engine(State.settings(), engine, address)
     explicit = [_explicit_source(p, url_template, settings.ingest.sources) for p in paths or []]
     sources = explicit or settings.ingest.sources
     if not sources:
@@ -401,10 +420,22 @@ def is_loopback(host: str) -> bool:
 
 
 @config_cli.command("show")
-def config_show() -> None:
-    """Print the effective configuration (defaults, file and environment merged) as YAML."""
-    settings = State.settings()
-    print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+def config_show(
+    engine: Annotated[Optional[str], ENGINE_OPTION] = None,
+    address: Annotated[Optional[str], ADDRESS_OPTION] = None,
+) -> None:
+    """Print the effective configuration (defaults, file, environment and these options merged) as YAML, secrets
+    masked: what a job run with the same options uses."""
+    settings = _with_engine(State.settings(), engine, address)
+    shown = json.loads(settings.model_dump_json())  # secret fields dump as "**********"
+    env_vars = shown["ray"]["runtime_env"].get("env_vars")
+    if isinstance(env_vars, dict):  # the job's environment often carries tokens
+        shown["ray"]["runtime_env"]["env_vars"] = dict.fromkeys(env_vars, "**********")
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
+    if settings.engine == "ray":
+        from ragline.cluster.ray_ingest import where_jobs_run
+
+        print(f"# ingest runs on {where_jobs_run(settings.ray)}")
 
 
 cli.command("tune")(tune_command)

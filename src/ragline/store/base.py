@@ -60,6 +60,15 @@ class Scope:
         return self.groups is None or EVERYONE in groups or not self.groups.isdisjoint(groups)
 
 
+def checked_access(tenant: str, groups: Sequence[str]) -> tuple[str, list[str]]:
+    """A document's tenant and its groups as stores keep them (sorted, once each); ValueError for a malformed one."""
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"a document's tenant must be a non-empty string, not {tenant!r:.80}")
+    if isinstance(groups, str) or not all(isinstance(group, str) and group for group in groups):
+        raise ValueError(f"a document's groups must be a list of non-empty strings, not {groups!r:.80}")
+    return tenant, sorted(set(groups))
+
+
 @dataclass(slots=True)
 class DocumentRecord:
     """One source file in the manifest: what was seen on disk and what became of it."""
@@ -284,6 +293,12 @@ class VectorStore(Protocol):
 
     def document(self, doc_id: str) -> DocumentRecord | None:
         """One manifest row with its chunk ids, or None when the document is unknown."""
+        ...
+
+    def export_document(self, doc_id: str) -> tuple[DocumentRecord, list[Chunk], np.ndarray] | None:
+        """A document's manifest row, its chunks in reading order and their vectors (one float32 row each, in
+        the same order), all from one committed state; None when the document is unknown. What
+        `ragline store migrate` copies from one store to another."""
         ...
 
     def search(self, request: SearchRequest) -> list[Hit]:

@@ -22,6 +22,12 @@ from ragline.types import Hit
 
 FusionMethod = Literal["rrf", "convex"]
 
+TIE_SLACK = 32
+TIE_DIGITS = 6
+"""Equal scores (the same text twice; float noise in the 7th digit) rank by chunk id, not by where rows happen
+to lie, so a rebuilt or resumed index, or another store, answers exactly like an uninterrupted one: each list
+is read TIE_SLACK deeper than k, ordered by (score to TIE_DIGITS significant digits, chunk id), then cut."""
+
 
 @dataclass(frozen=True, slots=True)
 class Fusion:
@@ -60,6 +66,18 @@ def fuse(lists: Sequence[Sequence[Hit]], weights: Sequence[float], method: Fusio
             scores[key] = scores.get(key, 0.0) + contribution
     ranked = sorted(scores, key=lambda key: -scores[key])
     return [replace(first[key], score=scores[key]) for key in ranked[:k]]
+
+
+def store_result(lists: Sequence[list[Hit]], k: int, fusion: Fusion) -> list[Hit]:
+    """A store's answer from its dense and/or keyword lists (each read `TIE_SLACK` deeper than `k`): each list
+    ordered with ties broken by chunk id and cut to `k`; two lists fused by `fusion`."""
+    cut = []
+    for hits in lists:
+        ordered = sorted(hits, key=lambda hit: (-float(f"{hit.score:.{TIE_DIGITS}g}"), hit.chunk.chunk_id))
+        cut.append(ordered[:k])
+    if len(cut) == 1:
+        return cut[0]
+    return fuse(cut, (fusion.dense_weight, fusion.keyword_weight), fusion.method, fusion.rrf_k, k)
 
 
 def min_max(values: list[float]) -> list[float]:

@@ -24,10 +24,16 @@ was faster but found the right page less often (see `COMMON_SHARE`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 
 _TOKEN = re.compile(r"[^\W\d_][\w]*(?:\.[^\W\d_][\w]*)*|\d+(?:\.\d+)*", re.UNICODE)
 _HUMPS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+HEADING_WEIGHT = 2.0
+"""BM25 weight of a chunk's title and heading path against its body (1.0): a heading names the topic."""
+MAX_COUNTED_TERMS = 50_000
+"""A store's per-generation memo of term counts is emptied past this many terms (a long run of distinct queries)."""
 MAX_TERMS_PER_QUERY = 64
 """A query term list is cut here: a pasted page must not make an FTS5 query of thousands of terms."""
 COMMON_SHARE = 0.5
@@ -121,3 +127,41 @@ def phrase(term: str) -> str:
 def fts_query(terms: list[str]) -> str | None:
     """An FTS5 MATCH expression any of whose terms may match (BM25 ranks them), or None for no terms."""
     return " OR ".join(map(phrase, terms)) or None
+
+
+def heading_text(metadata: Mapping) -> str:
+    """What a chunk's keyword heading field holds: its heading path, or its document's title."""
+    return " ".join(metadata.get("heading_path") or ()) or str(metadata.get("title", ""))
+
+
+class _PorterStemmer:
+    """Porter stems made by SQLite FTS5's own tokenizer, the one the local store indexes with.
+
+    Stores whose engine does not stem as FTS5 does (Qdrant's sparse vectors, Milvus Lite's analyzer) stem
+    terms before the engine sees them, alike for chunks and queries, so every store matches the same words.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        self._db.executescript(
+            "CREATE VIRTUAL TABLE terms USING fts5(text, tokenize=\"porter unicode61 tokenchars '_'\");"
+            "CREATE VIRTUAL TABLE stems USING fts5vocab(terms, 'instance');"
+        )
+
+    def __call__(self, texts: Sequence[str]) -> list[list[str]]:
+        """Each text's stems, in order."""
+        stems: list[list[str]] = [[] for _ in texts]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT INTO terms(rowid, text) VALUES (?, ?)", enumerate(texts))
+                for row, term in self._db.execute("SELECT doc, term FROM stems ORDER BY doc, offset"):
+                    stems[row].append(term)
+            finally:
+                self._db.execute("ROLLBACK")
+        return stems
+
+
+porter_stems = _PorterStemmer()
+"""`porter_stems(texts)`: each text's Porter stems in order (thread-safe)."""

@@ -1,9 +1,15 @@
-"""The embedded default store: SQLite for chunks, metadata and manifest, NumPy for exact search.
+"""The embedded default store: SQLite for chunks, metadata and manifest; a memory-mapped snapshot with an HNSW
+graph for dense search.
 
-SQLite (WAL) is the source of truth. Its vectors are mirrored into a float32
-matrix for brute-force cosine search, which is exact, honours any filter,
-and takes ~8 ms at 100k×384 (a filter scans only the rows it allows when
-they are fewer than half). What is guaranteed:
+SQLite (WAL) is the source of truth. Its vectors are mirrored for search in
+two parts: the last snapshot (store/snapshot.py: float32 vectors and, for an
+index of at least `Tuning.ann_min_chunks` chunks, an HNSW graph over int8
+codes, store/ann.py), memory-mapped so that processes share one page-cache
+copy, and the rows committed after it (the delta), held in memory. A dense
+search walks the graph for candidates, rescores them exactly against the
+float32 vectors, scans the delta exactly and merges both by exact score; a
+smaller index, or one without a graph yet, is scanned exactly (~8 ms at
+100k×384). What is guaranteed:
 
 - **Writes** are one transaction per document (chunks, filter tags, field
   types and manifest row together): a kill leaves each document fully old or
@@ -11,28 +17,45 @@ they are fewer than half). What is guaranteed:
 - **Reads** see one committed state. A search checks its filters, refreshes
   the mirror, filters and fetches its rows inside one read transaction (WAL
   snapshot isolation), so another process committing meanwhile is invisible
-  to it until its next search.
+  to it until its next search. Threads search side by side: each reads on a
+  connection of its own (the opening thread on `_db`, which writes share
+  under `_lock`), and the mirror is an immutable object replaced whole on
+  refresh. A search whose read transaction is older than the mirror another
+  thread has just made reads again, so it still sees one state.
 - **Refreshes read only what changed.** Rows are never updated in place and
   seqs are never reused, so a reader reads rows with `seq >` the last one it
-  mirrors, and deletions from `tombstones` (filled by a trigger) after the
-  last tombstone it applied. `generation`, bumped by every commit that
-  changes the chunks or who may read them, tells it when there is anything
-  to read; `index_version()` is the store's id and its generation.
-  `persist()` drops the tombstones its snapshot covers; a reader that had
-  not applied them yet compares its seqs with the table once instead.
+  mirrors into the delta, and deletions from `tombstones` (filled by a
+  trigger) after the last tombstone it applied, masking deleted snapshot rows
+  (the graph never returns them) and dropping deleted delta rows. `generation`,
+  bumped by every commit that changes the chunks or who may read them, tells
+  it when there is anything to read; `index_version()` is the store's id and
+  its generation. `persist()` drops the tombstones its snapshot covers; a
+  reader that had not applied them yet compares its seqs with the table once
+  instead.
 - **Snapshots** (store/snapshot.py) are switched to atomically and verified
   on load; a snapshot that is damaged, newer than the reader's view or of
-  another database is ignored and the matrix rebuilt from SQLite.
+  another database is ignored and the mirror rebuilt from SQLite; a damaged
+  graph alone is ignored (its rows are scanned exactly) and built again by
+  the next `persist()`. `persist()` extends the last graph by the delta
+  rather than rebuilding it (see its docstring). A reader that sees a newer
+  snapshot loads and verifies it in the background, then starts its next
+  refresh from it, so its delta stays small.
 - **Filters** are checked against the type of each field, recorded on upsert
   in `fields` (widened when values of another type arrive, forgotten only by
-  `clear()`).
+  `clear()`). The seqs a filter lets through are read from the tag index
+  inside the search's read transaction, memoised per (generation, filters)
+  like a scope's. A filtered or scoped dense search that allows at most
+  `Tuning.exact_rows` snapshot rows scans exactly those; a wider one walks
+  the graph restricted to them (a faiss ID selector) and falls back to the
+  exact scan if the graph finds too few. Either way nothing outside them is
+  returned.
 - **Access** is per document: its tenant and groups live in `documents`, and
   `access` (tenant, group, doc_id) answers which documents a scope may read.
   Both are written in the document's transaction, or changed together by
   `set_access` (which bumps `generation`, never touching chunks or vectors).
   A search reads the seqs its scope allows inside its read transaction,
   memoised per (generation, scope), and intersects them with its filters
-  before the dense scan; the keyword query checks each match's document
+  before the dense search; the keyword query checks each match's document
   against the scope in SQL. A scope that allows every chunk restricts
   nothing. The snapshot holds vectors only, so access is always as of the
   reader's committed state.
@@ -42,7 +65,7 @@ they are fewer than half). What is guaranteed:
   can never disagree with the vectors. A query scores only its informative
   terms (store/keywords.py `scored_terms`); how many chunks hold each term is
   counted once per generation. A hybrid search reads both lists in the same
-  read transaction, the dense scan on a worker thread while SQLite answers
+  read transaction, the dense search on a worker thread while SQLite answers
   the keyword query (both release the GIL; the worker reads only the
   immutable mirror), and fuses them (store/fusion.py).
 """
@@ -57,12 +80,14 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ragline.config import Settings
-from ragline.store import keywords, snapshot
+from ragline.config import Settings, StoreSettings
+from ragline.store import ann, keywords, snapshot
 from ragline.store.base import (
     EVERYONE,
     DocumentRecord,
@@ -71,10 +96,11 @@ from ragline.store.base import (
     SearchRequest,
     StoreError,
     check_filters,
+    checked_access,
     merge_types,
     value_type,
 )
-from ragline.store.fusion import fuse
+from ragline.store.fusion import TIE_SLACK, store_result
 from ragline.store.snapshot import Snapshot
 from ragline.types import Chunk, Hit, utc_now
 
@@ -83,19 +109,17 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 5
 """2 → 3 added the keyword index (filled from the chunks on upgrade); 4 → 5 per-document access (every
 document of an older index belongs to the default tenant and is readable by everyone in it)."""
-TIE_SLACK = 32
-TIE_DIGITS = 6
-"""Equal scores (the same text twice; float noise in the 7th digit) rank by chunk id, not by where rows happen
-to lie, so a rebuilt or resumed index answers exactly like an uninterrupted one: each list is read TIE_SLACK
-deeper than k, ordered by (score to TIE_DIGITS significant digits, chunk id), then cut."""
-HEADING_WEIGHT = 2.0
-"""BM25 weight of a chunk's title and heading path against its body (1.0): a heading names the topic."""
 BUSY_TIMEOUT_S = 30.0
 """How long a statement waits for another process's write lock before failing."""
-MAX_COUNTED_TERMS = 50_000
-"""The per-generation memo of term counts is emptied past this many terms (a long run of distinct queries)."""
+REBUILD_DEAD_SHARE = 0.2
+"""`persist()` builds the graph anew (leaving dead rows out) once more than this share of its rows are dead."""
+READ_BATCH_ROWS = 10_000
 MAX_MEMOISED_SCOPES = 16
 """How many (generation, scope) → readable seqs a handle keeps, least recently used dropped first."""
+MAX_MEMOISED_FILTERS = 16
+MAX_MEMOISED_FILTER_ROWS = 100_000
+"""How many (generation, filters) → matching seqs a handle keeps (reading 10k seqs from SQLite takes ~8 ms),
+each of at most this many seqs (a broad filter is read each time rather than held)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -196,14 +220,6 @@ def _readable_docs_sql(scope: Scope) -> tuple[str, list]:
     ]
 
 
-def _access(tenant: str, groups: Sequence[str]) -> tuple[str, list[str]]:
-    """A document's tenant and its groups as stored (sorted, once each); ValueError for a malformed one."""
-    if not isinstance(tenant, str) or not tenant:
-        raise ValueError(f"a document's tenant must be a non-empty string, not {tenant!r:.80}")
-    if isinstance(groups, str) or not all(isinstance(group, str) and group for group in groups):
-        raise ValueError(f"a document's groups must be a list of non-empty strings, not {groups!r:.80}")
-    return tenant, sorted(set(groups))
-
 
 def _record(row: Sequence, chunk_ids: list[str]) -> DocumentRecord:
     """A manifest row (the columns of DOCUMENT_COLUMNS, in order) as a DocumentRecord."""
@@ -214,8 +230,35 @@ def _record(row: Sequence, chunk_ids: list[str]) -> DocumentRecord:
 
 
 def _keyword_row(seq: int, text: str, metadata: dict) -> tuple[int, str, str]:
-    heading = " ".join(metadata.get("heading_path") or ()) or str(metadata.get("title", ""))
-    return seq, keywords.index_text(heading), keywords.index_text(text)
+    return seq, keywords.index_text(keywords.heading_text(metadata)), keywords.index_text(text)
+
+
+def _fields(db: sqlite3.Connection) -> dict[str, str]:
+    return dict(db.execute("SELECT name, type FROM fields ORDER BY name"))
+
+
+@contextmanager
+def _read_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    db.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        if db.in_transaction:
+            db.execute("COMMIT")
+
+
+def _rows_after(db: sqlite3.Connection, last_seq: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seqs and vectors of the chunks after `last_seq`, read in batches into arrays of the final size (a
+    store opened without a snapshot holds its vectors once, not three times, while it reads them)."""
+    count = db.execute("SELECT COUNT(*) FROM chunks WHERE seq > ?", (last_seq,)).fetchone()[0]
+    seqs, matrix = np.empty(count, np.int64), np.empty((count, dim), np.float32)
+    cursor = db.execute("SELECT seq, vector FROM chunks WHERE seq > ? ORDER BY seq", (last_seq,))
+    at = 0
+    while batch := cursor.fetchmany(READ_BATCH_ROWS):
+        seqs[at:at + len(batch)] = [seq for seq, _ in batch]
+        matrix[at:at + len(batch)] = np.frombuffer(b"".join(blob for _, blob in batch), np.float32).reshape(-1, dim)
+        at += len(batch)
+    return seqs, matrix
 
 
 def _int_column(rows: Iterable[tuple[int]]) -> np.ndarray:
@@ -223,56 +266,189 @@ def _int_column(rows: Iterable[tuple[int]]) -> np.ndarray:
 
 
 def _positions(seqs: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """The rows of the sorted, non-empty `seqs` that hold one of `wanted` (in any order, repeats allowed), ascending."""
+    """The rows of the sorted `seqs` that hold one of `wanted` (in any order, repeats allowed), ascending."""
+    if not len(seqs):
+        return np.zeros(0, np.int64)
     at = np.minimum(np.searchsorted(seqs, wanted), len(seqs) - 1)
     return np.unique(at[seqs[at] == wanted])
 
 
-def _dense(mirror: Snapshot, vector: np.ndarray, depth: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The `depth` best (seqs, cosine scores), best first, among the `allowed` seqs (None: all)."""
-    query = np.asarray(vector, dtype=np.float32).reshape(-1)
-    if query.shape[0] != mirror.dim:
-        raise StoreError(f"query has {query.shape[0]} dims, the index {mirror.dim}")
-    if allowed is None:
-        rows, scores = None, mirror.matrix @ query
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """When the local store walks its HNSW graph instead of scanning, and how it builds it (see
+    `StoreSettings.local_*`, which also gives the defaults)."""
+
+    ann_min_chunks: int
+    ann_connectivity: int
+    ann_ef_construction: int
+    ann_ef_search: int
+    exact_rows: int
+
+    @classmethod
+    def of(cls, settings: StoreSettings | None = None, **changes: int) -> Tuning:
+        settings = settings or StoreSettings()
+        return replace(cls(
+            settings.local_ann_min_chunks, settings.local_ann_connectivity, settings.local_ann_ef_construction,
+            settings.local_ann_ef_search, settings.local_exact_rows,
+        ), **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """What searches read at one generation, never changed once made (a refresh makes a new one).
+
+    `base` is the last snapshot (memory-mapped, with its graph if any), `live` which of its rows still hold a
+    chunk (None: all; `live_bits` the same packed for faiss), `delta_*` the rows committed after it, in memory
+    and searched exactly; `rows` counts the live chunks, `tombstone` is the last deletion applied.
+    """
+
+    generation: int
+    tombstone: int
+    base: Snapshot
+    live: np.ndarray | None
+    live_bits: np.ndarray | None
+    delta_seqs: np.ndarray
+    delta_matrix: np.ndarray
+    rows: int
+
+    @classmethod
+    def of(cls, base: Snapshot) -> Mirror:
+        """A mirror of just `base` (its dead rows masked)."""
+        live = None
+        if len(base.dead):
+            live = np.ones(len(base.seqs), bool)
+            live[base.dead] = False
+        return cls.made(base.generation, base.tombstone, base, live, base.seqs[:0], base.matrix[:0])
+
+    @classmethod
+    def made(cls, generation: int, tombstone: int, base: Snapshot, live: np.ndarray | None,
+             delta_seqs: np.ndarray, delta_matrix: np.ndarray) -> Mirror:
+        live = None if live is None or live.all() else live
+        bits = None if live is None else ann.bitmap(live)
+        rows = (len(base.seqs) if live is None else int(live.sum())) + len(delta_seqs)
+        return cls(generation, tombstone, base, live, bits, delta_seqs, delta_matrix, rows)
+
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
+    @property
+    def last_seq(self) -> int:
+        seqs = self.delta_seqs if len(self.delta_seqs) else self.base.seqs
+        return int(seqs[-1]) if len(seqs) else 0
+
+    def vectors(self, seqs: np.ndarray) -> np.ndarray:
+        """The float32 vectors of chunks `seqs` (all held by this mirror)."""
+        in_delta = np.isin(seqs, self.delta_seqs)
+        found = np.empty((len(seqs), self.dim), np.float32)
+        found[~in_delta] = self.base.matrix[np.searchsorted(self.base.seqs, seqs[~in_delta])]
+        found[in_delta] = self.delta_matrix[np.searchsorted(self.delta_seqs, seqs[in_delta])]
+        return found
+
+
+def _best(seqs: np.ndarray, matrix: np.ndarray, query: np.ndarray, depth: int,
+          rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The `depth` best (seqs, exact cosine scores), best first, among `rows` of `matrix` (None: all)."""
+    if rows is None:
+        scores = matrix @ query
     else:
-        rows = _positions(mirror.seqs, allowed)
-        few = 2 * len(rows) < len(mirror.seqs)  # gathering the rows costs about twice scanning them
-        scores = mirror.matrix[rows] @ query if few else (mirror.matrix @ query)[rows]
+        few = 2 * len(rows) < len(seqs)  # gathering the rows costs about twice scanning them
+        scores = matrix[rows] @ query if few else (matrix @ query)[rows]
     k = min(depth, len(scores))
     if k == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     top = np.argpartition(-scores, k - 1)[:k]
     top = top[np.argsort(-scores[top])]
-    return mirror.seqs[top if rows is None else rows[top]], scores[top]
+    return seqs[top if rows is None else rows[top]], scores[top]
+
+
+def _dense(mirror: Mirror, vector: np.ndarray, depth: int, allowed: np.ndarray | None,
+           tuning: Tuning) -> tuple[np.ndarray, np.ndarray]:
+    """The `depth` best (seqs, cosine scores), best first, among the `allowed` seqs (None: all live chunks):
+    the snapshot's rows through its graph or exactly, the rows after it exactly, the candidates of both
+    merged by their exact scores."""
+    query = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if query.shape[0] != mirror.dim:
+        raise StoreError(f"query has {query.shape[0]} dims, the index {mirror.dim}")
+    base = mirror.base
+    if allowed is None:
+        found, delta_rows = _graph_best(mirror, query, depth, None, tuning), None
+        if found is None:
+            found = _best(base.seqs, base.matrix, query, depth, None if mirror.live is None else np.flatnonzero(mirror.live))
+    else:
+        base_rows, delta_rows = _positions(base.seqs, allowed), _positions(mirror.delta_seqs, allowed)
+        found = _graph_best(mirror, query, depth, base_rows, tuning) if len(base_rows) > tuning.exact_rows else None
+        if found is None:
+            found = _best(base.seqs, base.matrix, query, depth, base_rows)
+    after = _best(mirror.delta_seqs, mirror.delta_matrix, query, depth, delta_rows)
+    seqs, scores = np.concatenate([found[0], after[0]]), np.concatenate([found[1], after[1]])
+    top = np.argsort(-scores, kind="stable")[:depth]
+    return seqs[top], scores[top]
+
+
+def _graph_best(mirror: Mirror, query: np.ndarray, depth: int, rows: np.ndarray | None,
+                tuning: Tuning) -> tuple[np.ndarray, np.ndarray] | None:
+    """The best of the snapshot's `rows` (None: every live one) found through its graph and rescored exactly;
+    None when it has no graph, the index is too small for one, or the graph finds fewer than `depth` of the
+    rows it may give (the caller then scans them exactly)."""
+    graph = mirror.base.graph
+    if graph is None or mirror.rows < tuning.ann_min_chunks:
+        return None
+    if rows is None:
+        bits, available = mirror.live_bits, mirror.rows - len(mirror.delta_seqs)
+    else:
+        allowed = np.zeros(len(mirror.base.seqs), bool)
+        allowed[rows] = True
+        bits, available = ann.bitmap(allowed), len(rows)
+    count = max(depth, tuning.ann_ef_search)
+    candidates = np.sort(ann.candidates(graph, query, count, tuning.ann_ef_search, bits))
+    if len(candidates) < min(depth, available):
+        return None
+    return _best(mirror.base.seqs, mirror.base.matrix, query, depth, candidates)
 
 
 class LocalStore:
-    """SQLite + in-memory matrix; safe for writer and reader processes side by side."""
+    """SQLite + memory-mapped snapshot (HNSW graph above `tuning.ann_min_chunks`); safe for writer and reader
+    processes side by side, and for threads searching at once."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, tuning: Tuning | None = None) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "store.sqlite"
+        self.tuning = tuning or Tuning.of()
         self._snapshot_dir = data_dir / "index"
         self._lock = threading.RLock()
+        """Guards `_db`: every write, and the reads of the thread that opened the store."""
+        self._owner = threading.get_ident()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             self._create_schema()
-        self._mirror: Snapshot | None = None
-        """The matrix of the last state this handle read; replaced whole, never changed in place."""
+        self._thread = threading.local()
+        """Each other thread's own read connection: searches on several threads never wait for each other."""
+        self._connections = [self._db]
+        self._mirror: Mirror | None = None
+        """What the newest state this handle read looks like to a search; replaced whole, never changed in place."""
+        self._refresh_lock = threading.Lock()
+        self._memo_lock = threading.Lock()
+        """Guards the memos below (held only to read or store an entry)."""
+        self._adopted: Snapshot | None = None
+        """A newer snapshot, loaded and verified, for the next refresh to start from."""
+        self._loading: str | None = None
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragline-snapshot")
         self._term_counts: dict[str, tuple[int, int | None]] = {}
         """term -> (chunks holding it, the cap it was counted up to) at generation `_counts_generation`."""
         self._counts_generation = -1
         self._readable_seqs: OrderedDict[tuple[int, Scope], np.ndarray | None] = OrderedDict()
         """(generation, scope) -> the seqs that scope may read (None: all), least recently used first."""
-        self._dense_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragline-dense")
+        self._matching_seqs: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        """(generation, filters as JSON) -> the seqs they let through, least recently used first."""
+        self._dense_worker = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ragline-dense")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalStore:
-        return cls(settings.data_dir)
+        return cls(settings.data_dir, Tuning.of(settings.store))
 
     def _create_schema(self) -> None:
         """Create the tables, or bring a database of an earlier version up to date (learning its field types)."""
@@ -348,7 +524,7 @@ class LocalStore:
         if len(chunks) != len(vectors):
             raise StoreError(f"{len(chunks)} chunks but {len(vectors)} vectors for {record.source}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        tenant, groups = _access(record.tenant, record.groups)
+        tenant, groups = checked_access(record.tenant, record.groups)
         with self._transaction() as db:
             if len(chunks):
                 self._check_dim(db, vectors)
@@ -393,7 +569,7 @@ class LocalStore:
                 raise StoreError(f"cannot touch {doc_id!r}: no such document in the manifest")
 
     def set_access(self, doc_id: str, tenant: str, groups: Sequence[str]) -> None:
-        tenant, groups = _access(tenant, groups)
+        tenant, groups = checked_access(tenant, groups)
         with self._transaction() as db:  # a new generation: readers recompute what each scope may read
             updated = db.execute(
                 "UPDATE documents SET tenant = ?, groups = ? WHERE doc_id = ?", (tenant, json.dumps(groups), doc_id)
@@ -429,27 +605,36 @@ class LocalStore:
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        """One read transaction: every statement inside sees the same committed state."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield self._db
-            finally:
-                if self._db.in_transaction:
-                    self._db.execute("COMMIT")
+        """One read transaction: every statement inside sees the same committed state. The opening thread
+        reads on `_db` (under `_lock`), any other on a connection of its own, without a lock."""
+        if threading.get_ident() == self._owner:
+            with self._lock, _read_transaction(self._db) as db:
+                yield db
+        else:
+            with _read_transaction(self._thread_db()) as db:
+                yield db
+
+    def _thread_db(self) -> sqlite3.Connection:
+        db = getattr(self._thread, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+            self._thread.db = db
+            with self._memo_lock:
+                self._connections.append(db)
+        return db
 
     def get_meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def filter_fields(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._db.execute("SELECT name, type FROM fields ORDER BY name"))
+        with self._reading() as db:
+            return _fields(db)
 
     def index_version(self) -> str:
-        with self._lock:
-            meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('store_id', 'generation')"))
+        with self._reading() as db:
+            meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('store_id', 'generation')"))
         return f"{meta['store_id']}-{meta['generation']}"
 
     def documents(self, scope: Scope | None = None) -> list[DocumentRecord]:
@@ -471,60 +656,132 @@ class LocalStore:
             chunk_ids = [cid for (cid,) in chunks]
         return None if row is None else _record(row, chunk_ids)
 
+    def export_document(self, doc_id: str) -> tuple[DocumentRecord, list[Chunk], np.ndarray] | None:
+        with self._reading() as db:
+            row = db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?", (doc_id,)).fetchone()
+            rows = db.execute(
+                "SELECT chunk_id, doc_id, text, metadata, vector FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,)
+            ).fetchall()
+            dim = db.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
+        if row is None:
+            return None
+        chunks = [Chunk(cid, did, text, json.loads(meta)) for cid, did, text, meta, _ in rows]
+        vectors = np.frombuffer(b"".join(blob for *_, blob in rows), dtype=np.float32)
+        return _record(row, [chunk.chunk_id for chunk in chunks]), chunks, vectors.reshape(len(rows), int(dim[0]) if dim else 0)
+
     def count(self, filters: Filters | None = None, scope: Scope | None = None) -> int:
         with self._reading() as db:
-            query, params = _filter_sql(check_filters(filters, self.filter_fields()))
+            query, params = _filter_sql(check_filters(filters, _fields(db)))
             if scope is not None:
                 readable, readable_params = _readable_docs_sql(scope)
                 query += f" INTERSECT SELECT seq FROM chunks WHERE doc_id IN ({readable})"
                 params += readable_params
             return int(db.execute(f"SELECT COUNT(*) FROM ({query})", params).fetchone()[0])
 
-    def _readable(self, db: sqlite3.Connection, mirror: Snapshot, scope: Scope) -> np.ndarray | None:
+    def _readable(self, db: sqlite3.Connection, mirror: Mirror, scope: Scope) -> np.ndarray | None:
         """The seqs `scope` may read in the open read transaction, ascending (None: every chunk), memoised
         per (generation, scope): a generation is one committed state of both chunks and access."""
         key = (mirror.generation, scope)
-        if key in self._readable_seqs:
-            self._readable_seqs.move_to_end(key)
-            return self._readable_seqs[key]
+        with self._memo_lock:
+            if key in self._readable_seqs:
+                self._readable_seqs.move_to_end(key)
+                return self._readable_seqs[key]
         readable, params = _readable_docs_sql(scope)
         seqs = np.sort(_int_column(db.execute(f"SELECT seq FROM chunks WHERE doc_id IN ({readable})", params)))
-        every = len(seqs) == len(mirror.seqs)  # the mirror holds every chunk of this state
-        self._readable_seqs[key] = None if every else seqs
-        if len(self._readable_seqs) > MAX_MEMOISED_SCOPES:
-            self._readable_seqs.popitem(last=False)
-        return self._readable_seqs[key]
+        found = None if len(seqs) == mirror.rows else seqs  # the mirror holds every chunk of this state
+        with self._memo_lock:
+            self._readable_seqs[key] = found
+            if len(self._readable_seqs) > MAX_MEMOISED_SCOPES:
+                self._readable_seqs.popitem(last=False)
+        return found
 
-    def _refresh(self, db: sqlite3.Connection) -> Snapshot:
-        """Bring the mirror up to the state of the open read transaction, reading only what changed."""
+    def _matching(self, db: sqlite3.Connection, generation: int, wanted: dict[str, list]) -> np.ndarray:
+        """The seqs `wanted` lets through in the open read transaction, ascending, memoised per generation."""
+        key = (generation, json.dumps(wanted, sort_keys=True))
+        with self._memo_lock:
+            if key in self._matching_seqs:
+                self._matching_seqs.move_to_end(key)
+                return self._matching_seqs[key]
+        seqs = np.sort(_int_column(db.execute(*_filter_sql(wanted))))
+        if len(seqs) <= MAX_MEMOISED_FILTER_ROWS:
+            with self._memo_lock:
+                self._matching_seqs[key] = seqs
+                if len(self._matching_seqs) > MAX_MEMOISED_FILTERS:
+                    self._matching_seqs.popitem(last=False)
+        return seqs
+
+    def _refresh(self, db: sqlite3.Connection) -> Mirror | None:
+        """The mirror of the open read transaction's state, reading only what changed since the last one; None
+        when another thread has already moved the mirror past that state (the caller reads again, later)."""
         meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('dim', ?, ?, ?)", INTERNAL_META))
         generation, store_id = int(meta["generation"]), meta["store_id"]
-        if self._mirror is not None and self._mirror.generation == generation:
-            return self._mirror
-        dim, floor = int(meta.get("dim", 0)), int(meta["tombstone_floor"])
-        mirror = self._mirror or self._trusted(snapshot.load(self._snapshot_dir), store_id, generation)
-        if mirror is None or mirror.dim != dim:  # nothing to start from, or cleared and refilled by another model
-            mirror = Snapshot(store_id, -1, floor, np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+        current = self._mirror
+        if current is not None and current.generation == generation and not self._adoptable(generation):
+            return current
+        with self._refresh_lock:
+            current = self._mirror
+            if current is not None and current.generation > generation:
+                return None
+            if current is not None and current.generation == generation and not self._adoptable(generation):
+                return current
+            mirror = self._refreshed(db, current, store_id, generation, int(meta.get("dim", 0)),
+                                     int(meta["tombstone_floor"]))
+            self._mirror = mirror
+            self._watch_snapshot(mirror)
+            return mirror
 
-        keep = np.ones(len(mirror.seqs), dtype=bool)
-        if len(mirror.seqs) and mirror.tombstone < floor:  # the tombstones it lacks were compacted away
-            keep = np.isin(mirror.seqs, _int_column(db.execute("SELECT seq FROM chunks")))
-        elif len(mirror.seqs):
-            gone = _int_column(db.execute("SELECT seq FROM tombstones WHERE id > ?", (mirror.tombstone,)))
-            keep = ~np.isin(mirror.seqs, gone)
-        last_seq = int(mirror.seqs[-1]) if len(mirror.seqs) else 0
-        rows = db.execute("SELECT seq, vector FROM chunks WHERE seq > ? ORDER BY seq", (last_seq,)).fetchall()
+    def _adoptable(self, generation: int) -> bool:
+        adopted = self._adopted
+        return adopted is not None and adopted.generation <= generation
+
+    def _refreshed(self, db: sqlite3.Connection, current: Mirror | None, store_id: str, generation: int, dim: int,
+                   floor: int) -> Mirror:
+        start = current
+        adopted, self._adopted = self._adopted, None
+        if adopted is not None and (current is None or adopted.generation > current.base.generation):
+            start = Mirror.of(adopted) if self._trusted(adopted, store_id, generation) else current
+            if adopted.generation > generation:
+                self._adopted = adopted  # for a later state
+        if start is None:
+            saved = self._trusted(snapshot.load(self._snapshot_dir), store_id, generation)
+            start = Mirror.of(saved) if saved is not None else None
+        if start is None or start.dim != dim:  # nothing to start from, or cleared and refilled by another model
+            start = Mirror.of(snapshot.empty(store_id, floor, dim))
+
+        base, live = start.base, start.live
+        delta_seqs, delta_matrix = start.delta_seqs, start.delta_matrix
+        if start.tombstone < floor:  # the tombstones it lacks were compacted away: compare with the table
+            existing = _int_column(db.execute("SELECT seq FROM chunks"))
+            gone = np.setdiff1d(np.concatenate([base.seqs, delta_seqs]), existing)
+        else:
+            gone = _int_column(db.execute("SELECT seq FROM tombstones WHERE id > ?", (start.tombstone,)))
+        if len(gone):
+            dead = np.isin(base.seqs, gone)
+            if dead.any():
+                live = ~dead if live is None else live & ~dead
+            keep = ~np.isin(delta_seqs, gone)
+            delta_seqs, delta_matrix = delta_seqs[keep], delta_matrix[keep]
+        added_seqs, added = _rows_after(db, start.last_seq, dim)
+        if len(added_seqs):
+            delta_seqs, delta_matrix = np.concatenate([delta_seqs, added_seqs]), np.concatenate([delta_matrix, added])
         tombstone = db.execute("SELECT MAX(id) FROM tombstones").fetchone()[0] or 0
+        return Mirror.made(generation, max(tombstone, floor), base, live, delta_seqs, delta_matrix)
 
-        seqs, matrix = mirror.seqs, mirror.matrix
-        if not keep.all():
-            seqs, matrix = seqs[keep], matrix[keep]
-        if rows:
-            added = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim)
-            seqs = np.concatenate([seqs, np.array([seq for seq, _ in rows], dtype=np.int64)])
-            matrix = np.concatenate([matrix, added])
-        self._mirror = Snapshot(store_id, generation, max(tombstone, floor), seqs, matrix)
-        return self._mirror
+    def _watch_snapshot(self, mirror: Mirror) -> None:
+        """Load a snapshot newer than the mirror's base in the background (verifying it reads every file), for a
+        later refresh to start from: its graph then covers the rows this handle searched exactly."""
+        name = snapshot.current_name(self._snapshot_dir)
+        based_on = mirror.base.folder.name if mirror.base.folder is not None else None
+        if name is None or name == based_on or name == self._loading:
+            return
+        self._loading = name
+
+        self._loader.submit(lambda: self._offer(snapshot.load(self._snapshot_dir)))
+
+    def _offer(self, loaded: Snapshot | None) -> None:
+        """Give a loaded snapshot to the next refresh to start from."""
+        with self._refresh_lock:
+            self._adopted = loaded
 
     @staticmethod
     def _trusted(saved: Snapshot | None, store_id: str, generation: int) -> Snapshot | None:
@@ -542,55 +799,100 @@ class LocalStore:
             return None
         return saved
 
+    def _read_mirror(self) -> Mirror:
+        while True:
+            with self._reading() as db:
+                mirror = self._refresh(db)
+            if mirror is not None:
+                return mirror
+
     def persist(self) -> None:
-        """Snapshot the mirror (see store/snapshot.py), then drop the tombstones it covers."""
-        with self._reading() as db:
-            mirror = self._refresh(db)
-        snapshot.write(self._snapshot_dir, mirror)
+        """Snapshot the mirror (see store/snapshot.py), then drop the tombstones it covers.
+
+        Above `tuning.ann_min_chunks` the snapshot carries an HNSW graph: the last one extended by the rows
+        added since, or built anew when there was none, when more than REBUILD_DEAD_SHARE of its rows are
+        dead or when the new rows outnumber the old (so building costs O(n log n) over the index's growth).
+        Below it, and on a rebuild, dead rows are left out.
+        """
+        mirror = self._read_mirror()
+        base = mirror.base
+        wants_graph = mirror.rows >= self.tuning.ann_min_chunks and mirror.rows > 0
+        if base.folder is not None and base.generation == mirror.generation and (base.graph is not None) == wants_graph:
+            return  # the current snapshot is this very state
+        dead = np.zeros(0, np.int64) if mirror.live is None else np.flatnonzero(~mirror.live)
+        seqs = np.concatenate([base.seqs, mirror.delta_seqs])
+        blocks = [base.matrix, mirror.delta_matrix]
+        graph = self._extended_graph(mirror, dead) if wants_graph else None
+        if graph is None and len(dead):  # a new graph, or none: the dead rows are left out
+            keep = np.flatnonzero(mirror.live)
+            seqs = np.concatenate([base.seqs[keep], mirror.delta_seqs])
+            blocks, dead = [base.matrix[keep], mirror.delta_matrix], dead[:0]
+        if wants_graph and graph is None:
+            graph = ann.build(blocks, self.tuning.ann_connectivity, self.tuning.ann_ef_construction)
+        snapshot.write(self._snapshot_dir, base.store_id, mirror.generation, mirror.tombstone, seqs, blocks, dead,
+                       graph)
         with self._transaction(changes_chunks=False) as db:
             db.execute("DELETE FROM tombstones WHERE id <= ?", (mirror.tombstone,))
             db.execute(
                 "UPDATE meta SET value = max(CAST(value AS INTEGER), ?) WHERE key = 'tombstone_floor'",
                 (mirror.tombstone,),
             )
+        self._offer(snapshot.load(self._snapshot_dir))
+
+    def _extended_graph(self, mirror: Mirror, dead: np.ndarray) -> Any:
+        """The base snapshot's graph read privately and extended by the rows after it; None when it must be built
+        anew (see `persist`)."""
+        base = mirror.base
+        if base.graph is None or base.folder is None or len(dead) > REBUILD_DEAD_SHARE * len(base.seqs):
+            return None
+        if len(mirror.delta_seqs) > len(base.seqs):
+            return None
+        try:
+            graph = ann.open_private(base.folder / snapshot.GRAPH)
+        except (OSError, RuntimeError) as exc:  # removed by a newer persist in another process, say
+            log.info("building the search graph anew: %s", exc)
+            return None
+        ann.extend(graph, mirror.delta_matrix)
+        return graph
 
     def search(self, request: SearchRequest) -> list[Hit]:
-        with self._reading() as db:
-            wanted = check_filters(request.filters, self.filter_fields()) if request.filters is not None else {}
-            mirror = self._refresh(db)
-            if not len(mirror.seqs):
-                return []
-            allowed = readable = self._readable(db, mirror, request.scope)
-            if readable is not None and not len(readable):
-                return []
-            if wanted:
-                matching = _int_column(db.execute(*_filter_sql(wanted)))
-                allowed = matching if readable is None else np.intersect1d(readable, matching)
-            scope = None if readable is None else request.scope
-            ranked = self._ranked(db, mirror, request, allowed, wanted, scope)
-            listed = ",".join(map(str, {int(seq) for seqs, _ in ranked for seq in seqs}))
-            rows = db.execute(
-                f"SELECT seq, chunk_id, doc_id, text, metadata FROM chunks WHERE seq IN ({listed})"
-            ).fetchall()
+        while True:
+            with self._reading() as db:
+                found = self._search(db, request)
+            if found is not None:
+                return found
+
+    def _search(self, db: sqlite3.Connection, request: SearchRequest) -> list[Hit] | None:
+        """The search in the open read transaction; None when its state is older than the mirror (read again)."""
+        wanted = check_filters(request.filters, _fields(db)) if request.filters is not None else {}
+        mirror = self._refresh(db)
+        if mirror is None:
+            return None
+        if not mirror.rows:
+            return []
+        allowed = readable = self._readable(db, mirror, request.scope)
+        if readable is not None and not len(readable):
+            return []
+        if wanted:
+            matching = self._matching(db, mirror.generation, wanted)
+            allowed = matching if readable is None else np.intersect1d(readable, matching)
+        scope = None if readable is None else request.scope
+        ranked = self._ranked(db, mirror, request, allowed, wanted, scope)
+        listed = ",".join(map(str, {int(seq) for seqs, _ in ranked for seq in seqs}))
+        rows = db.execute(f"SELECT seq, chunk_id, doc_id, text, metadata FROM chunks WHERE seq IN ({listed})").fetchall()
         chunks = {row[0]: Chunk(row[1], row[2], row[3], json.loads(row[4])) for row in rows}
         lists = []
         for seqs, scores in ranked:
-            vectors = mirror.matrix[np.searchsorted(mirror.seqs, seqs)] if request.with_vectors else [None] * len(seqs)
-            hits = [
+            vectors = mirror.vectors(seqs) if request.with_vectors else [None] * len(seqs)
+            lists.append([
                 Hit(chunks[seq], float(score), vector)
                 for seq, score, vector in zip(seqs.tolist(), scores.tolist(), vectors)
                 if seq in chunks
-            ]
-            hits.sort(key=lambda hit: (-float(f"{hit.score:.{TIE_DIGITS}g}"), hit.chunk.chunk_id))
-            lists.append(hits[: request.k])
-        if len(lists) == 1:
-            return lists[0]
-        fusion = request.fusion
-        weights = (fusion.dense_weight, fusion.keyword_weight)
-        return fuse(lists, weights, fusion.method, fusion.rrf_k, request.k)
+            ])
+        return store_result(lists, request.k, request.fusion)
 
     def _ranked(
-        self, db: sqlite3.Connection, mirror: Snapshot, request: SearchRequest, allowed: np.ndarray | None,
+        self, db: sqlite3.Connection, mirror: Mirror, request: SearchRequest, allowed: np.ndarray | None,
         wanted: dict[str, list], scope: Scope | None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The request's lists, (seqs, scores) best first: dense, keyword or both (computed side by side).
@@ -600,10 +902,10 @@ class LocalStore:
         """
         depth = request.k + TIE_SLACK
         if request.mode == "dense":
-            return [_dense(mirror, request.vector, depth, allowed)]
+            return [_dense(mirror, request.vector, depth, allowed, self.tuning)]
         if request.mode == "keyword":
             return [self._keyword(db, mirror, request.text, depth, wanted, scope)]
-        dense = self._dense_worker.submit(_dense, mirror, request.vector, depth, allowed)
+        dense = self._dense_worker.submit(_dense, mirror, request.vector, depth, allowed, self.tuning)
         try:
             keyword = self._keyword(db, mirror, request.text, depth, wanted, scope)
         finally:
@@ -611,7 +913,7 @@ class LocalStore:
         return [dense.result(), keyword]
 
     def _keyword(
-        self, db: sqlite3.Connection, mirror: Snapshot, text: str, depth: int, wanted: dict[str, list],
+        self, db: sqlite3.Connection, mirror: Mirror, text: str, depth: int, wanted: dict[str, list],
         scope: Scope | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """BM25's best among the chunks `scope` may read (None: all) and `wanted` lets through (FTS5 gives
@@ -620,7 +922,7 @@ class LocalStore:
         if match is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         where = "chunks_fts MATCH ?"
-        params: list = [HEADING_WEIGHT, match]
+        params: list = [keywords.HEADING_WEIGHT, match]
         if wanted:
             filter_sql, filter_params = _filter_sql(wanted)
             where += f" AND +rowid IN ({filter_sql})"  # unary +: MATCH drives, the filter only checks
@@ -636,10 +938,10 @@ class LocalStore:
         ).fetchall()
         return np.array([seq for seq, _ in rows], np.int64), np.array([score for _, score in rows], np.float32)
 
-    def _scored_terms(self, db: sqlite3.Connection, mirror: Snapshot, terms: list[str]) -> list[str]:
+    def _scored_terms(self, db: sqlite3.Connection, mirror: Mirror, terms: list[str]) -> list[str]:
         """`terms` less the common ones (see store/keywords.py); an index no larger than the cutoff keeps all."""
-        cutoff = keywords.common_cutoff(len(mirror.seqs))
-        if len(mirror.seqs) <= cutoff:
+        cutoff = keywords.common_cutoff(mirror.rows)
+        if mirror.rows <= cutoff:
             return terms
         counts = {term: self._count(db, mirror.generation, term, cutoff + 1) for term in terms}
         if not any(0 < count <= cutoff for count in counts.values()):  # the rarest is wanted: count exactly
@@ -651,15 +953,19 @@ class LocalStore:
 
         Counting stops at `cap`, so that a common term costs no more to count than a rare one.
         """
-        if self._counts_generation != generation or len(self._term_counts) > MAX_COUNTED_TERMS:
-            self._term_counts, self._counts_generation = {}, generation
-        count, counted_to = self._term_counts.get(term, (None, None))
+        with self._memo_lock:
+            if self._counts_generation < generation or len(self._term_counts) > keywords.MAX_COUNTED_TERMS:
+                self._term_counts, self._counts_generation = {}, generation
+            memo = self._term_counts if self._counts_generation == generation else {}  # an older state's own
+            count, counted_to = memo.get(term, (None, None))
         if count is None or (cap is None and counted_to is not None and count >= counted_to):
             count = db.execute(
                 "SELECT count(*) FROM (SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH ? LIMIT ?)",
                 (keywords.phrase(term), -1 if cap is None else cap),
             ).fetchone()[0]
-            self._term_counts[term] = (count, cap)
+            with self._memo_lock:
+                if self._counts_generation == generation:
+                    self._term_counts[term] = (count, cap)
         return count if cap is None else min(count, cap)
 
     def document_chunks(self, doc_id: str) -> list[Chunk]:
@@ -672,4 +978,6 @@ class LocalStore:
     def close(self) -> None:
         with self._lock:
             self._dense_worker.shutdown()
-            self._db.close()
+            self._loader.shutdown()
+            for db in self._connections:
+                db.close()

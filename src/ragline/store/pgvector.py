@@ -67,11 +67,11 @@ from ragline.store.base import (
     SearchRequest,
     StoreError,
     check_filters,
+    checked_access,
     merge_types,
     value_type,
 )
-from ragline.store.fusion import fuse
-from ragline.store.local import HEADING_WEIGHT, MAX_COUNTED_TERMS, TIE_DIGITS, TIE_SLACK
+from ragline.store.fusion import TIE_SLACK, store_result
 from ragline.types import Chunk, Hit, utc_now
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ SCHEMA_LOCK = "ragline.store.pgvector schema"
 HNSW_MAX_DIMS = 2000
 """pgvector's HNSW index takes `vector` columns up to this many dimensions; wider ones are searched exactly."""
 MAX_EF_SEARCH = 1000
-RANK_WEIGHTS = [0.1, 0.2, 1.0 / HEADING_WEIGHT, 1.0]
+RANK_WEIGHTS = [0.1, 0.2, 1.0 / keywords.HEADING_WEIGHT, 1.0]
 """`ts_rank_cd`'s weights of D, C, B (the body) and A (the heading); it takes none above 1, hence the body's
-1 / HEADING_WEIGHT. Nothing is labelled C or D."""
+1 / keywords.HEADING_WEIGHT. Nothing is labelled C or D."""
 MAX_MEMOISED = 64
 """How many (generation, scope, filters) → allowed-chunk counts a handle keeps, least recently used dropped first."""
 INTERNAL_META = ("generation", "store_id", "schema_version")
@@ -161,24 +161,12 @@ def _vector_text(vector: np.ndarray) -> str:
     return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).reshape(-1).tolist())) + "]"
 
 
-def _access(tenant: str, groups: Sequence[str]) -> tuple[str, list[str]]:
-    """A document's tenant and its groups as stored (sorted, once each); ValueError for a malformed one."""
-    if not isinstance(tenant, str) or not tenant:
-        raise ValueError(f"a document's tenant must be a non-empty string, not {tenant!r:.80}")
-    if isinstance(groups, str) or not all(isinstance(group, str) and group for group in groups):
-        raise ValueError(f"a document's groups must be a list of non-empty strings, not {groups!r:.80}")
-    return tenant, sorted(set(groups))
-
 
 def _record(row: Sequence, chunk_ids: list[str]) -> DocumentRecord:
     """A manifest row (the columns of DOCUMENT_COLUMNS, in order) as a DocumentRecord."""
     *fields, dependencies, tenant, groups = row
     return DocumentRecord(*fields, tenant=tenant, groups=list(groups), dependencies=dict(dependencies),
                           chunk_ids=chunk_ids)
-
-
-def _heading(metadata: dict) -> str:
-    return " ".join(metadata.get("heading_path") or ()) or str(metadata.get("title", ""))
 
 
 def _scope_sql(scope: Scope) -> tuple[str, dict[str, Any]]:
@@ -351,7 +339,7 @@ class PgVectorStore:
         if len(chunks) != len(vectors):
             raise StoreError(f"{len(chunks)} chunks but {len(vectors)} vectors for {record.source}")
         vectors = np.asarray(vectors, dtype=np.float32)
-        tenant, groups = _access(record.tenant, record.groups)
+        tenant, groups = checked_access(record.tenant, record.groups)
         with self._writing() as conn:
             if len(chunks):
                 self._check_dim(conn, int(vectors.shape[1]))
@@ -383,7 +371,7 @@ class PgVectorStore:
                     [
                         (
                             chunk.chunk_id, chunk.doc_id, chunk.text, Jsonb(chunk.metadata), _vector_text(vector),
-                            _hyphenated(keywords.index_text(_heading(chunk.metadata))),
+                            _hyphenated(keywords.index_text(keywords.heading_text(chunk.metadata))),
                             _hyphenated(keywords.index_text(chunk.text)),
                         )
                         for chunk, vector in zip(chunks, vectors)
@@ -404,7 +392,7 @@ class PgVectorStore:
                 raise StoreError(f"cannot touch {doc_id!r}: no such document in the manifest")
 
     def set_access(self, doc_id: str, tenant: str, groups: Sequence[str]) -> None:
-        tenant, groups = _access(tenant, groups)
+        tenant, groups = checked_access(tenant, groups)
         with self._writing() as conn:
             updated = conn.execute(
                 "UPDATE documents SET tenant = %s, groups = %s WHERE doc_id = %s", (tenant, Jsonb(groups), doc_id)
@@ -498,6 +486,19 @@ class PgVectorStore:
             )]
         return None if row is None else _record(row, chunk_ids)
 
+    def export_document(self, doc_id: str) -> tuple[DocumentRecord, list[Chunk], np.ndarray] | None:
+        with self._reading() as conn:
+            row = conn.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = %s", (doc_id,)).fetchone()
+            rows = conn.execute(
+                "SELECT chunk_id, doc_id, text, metadata, embedding::real[] FROM chunks WHERE doc_id = %s ORDER BY seq",
+                (doc_id,),
+            ).fetchall()
+        if row is None:
+            return None
+        chunks = [Chunk(chunk_id, did, text, metadata) for chunk_id, did, text, metadata, _ in rows]
+        vectors = np.array([embedding for *_, embedding in rows], dtype=np.float32).reshape(len(rows), -1 if rows else 0)
+        return _record(row, [chunk.chunk_id for chunk in chunks]), chunks, vectors
+
     def document_chunks(self, doc_id: str) -> list[Chunk]:
         with self._pool.connection() as conn:
             rows = conn.execute(
@@ -578,15 +579,8 @@ class PgVectorStore:
             ).fetchall()
         chunks = {row[0]: Chunk(row[1], row[2], row[3], row[4]) for row in found}
         vectors = {row[0]: np.asarray(row[5], np.float32) for row in found} if request.with_vectors else {}
-        lists = []
-        for rows in ranked:
-            hits = [Hit(chunks[seq], float(score), vectors.get(seq)) for seq, score in rows]
-            hits.sort(key=lambda hit: (-float(f"{hit.score:.{TIE_DIGITS}g}"), hit.chunk.chunk_id))
-            lists.append(hits[: request.k])
-        if len(lists) == 1:
-            return lists[0]
-        fusion = request.fusion
-        return fuse(lists, (fusion.dense_weight, fusion.keyword_weight), fusion.method, fusion.rrf_k, request.k)
+        lists = [[Hit(chunks[seq], float(score), vectors.get(seq)) for seq, score in rows] for rows in ranked]
+        return store_result(lists, request.k, request.fusion)
 
     def _dense(self, conn: psycopg.Connection, vector: np.ndarray, dim: int, depth: int, generation: int,
                total: int, restriction: _Restriction) -> list[tuple[int, float]]:
@@ -664,7 +658,7 @@ class PgVectorStore:
             if self._memo_generation != generation:
                 self._memo_generation, self._term_counts = generation, {}
                 self._counts.clear()
-            if len(self._term_counts) > MAX_COUNTED_TERMS:
+            if len(self._term_counts) > keywords.MAX_COUNTED_TERMS:
                 self._term_counts = {}
             count, counted_to = self._term_counts.get(query, (None, None))
         if count is None or (cap is None and counted_to is not None and count >= counted_to):
