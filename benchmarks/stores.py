@@ -205,7 +205,8 @@ def main() -> None:
             "memory_mib": {"before_reader": before, "after_reader_searched": after,
                            "reader_private": after["RssAnon"] - before["RssAnon"]},
             "disk_mib": int(subprocess.run(["du", "-sm", str(data_dir)], capture_output=True, text=True,
-                                           check=True).stdout.split()[0]),
+                                           check=True).stdout.split()[0])
+            if data_dir.exists() else "none under the data dir: the index lives in the server",
             "first_search_after_open_ms": round(open_ms, 1),
             "dense": {**percentiles(dense_ms), "recall_at_10": recall(
                 [[h.chunk.chunk_id for h in hits] for hits in dense_hits], truth)},

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from ragline.app import Ragline
+from ragline.cluster.ray_ingest import keep_ray_sockets_short
 from ragline.config import Settings, SourceSettings
 from ragline.store.base import Scope
 
@@ -28,6 +29,7 @@ from ragline.store.base import Scope
 # loopback, none reporting usage.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+keep_ray_sockets_short()
 try:
     import ray
 except ImportError:  # the dev extra installs it: a missing Ray is a broken environment, not a reason to skip

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 RAGLINE = [sys.executable, "-m", "ragline"]
+HTTP_TIMEOUT_S = 30.0  # a guard against a hung server on a loaded machine, far beyond a request's length
 
 
 def free_port() -> int:
@@ -59,9 +60,14 @@ class Server:
         pytest.fail(f"the server did not get ready: {last}; {self.process.stderr.read()[-3000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the server's process group with `sig`; one that outlasts a SIGTERM's grace is killed."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig)
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
 
 
 @pytest.fixture
@@ -93,14 +99,14 @@ def test_a_job_interrupted_by_kill_9_is_resumed_by_the_next_server(config, tmp_p
     )
     port = free_port()
     server = Server(config, port)
+    client = httpx.Client(base_url=server.url, headers=headers, timeout=HTTP_TIMEOUT_S)
     try:
         server.ready()
-        upload = httpx.post(f"{server.url}/v1/documents", headers=headers, timeout=30,
-                            files={"file": ("widgets.md", f"# Widgets\n\n{sections}\n".encode())})
+        upload = client.post("/v1/documents", files={"file": ("widgets.md", f"# Widgets\n\n{sections}\n".encode())})
         assert upload.status_code == 202, upload.text
         job_id = upload.json()["id"]
         deadline = time.monotonic() + 60
-        while httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=headers).json()["status"] == "queued":
+        while client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued":
             if time.monotonic() > deadline:
                 pytest.fail("the job was never claimed")
             time.sleep(0.05)
@@ -111,26 +117,27 @@ def test_a_job_interrupted_by_kill_9_is_resumed_by_the_next_server(config, tmp_p
     try:
         server.ready()
         deadline = time.monotonic() + 240
-        while (job := httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=headers).json())["status"] != "succeeded":
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] != "succeeded":
             assert job["status"] != "failed", job
             if time.monotonic() > deadline:
                 pytest.fail(f"the job did not finish: {job}")
             time.sleep(0.2)
         assert job["attempts"] >= 2  # claimed again after the kill
-        documents = httpx.get(f"{server.url}/v1/documents", headers=headers).json()
+        documents = client.get("/v1/documents").json()
         assert documents["total"] == 1 and documents["items"][0]["status"] == "indexed"
-        search = httpx.post(f"{server.url}/v1/search", headers=headers, json={"query": "widget number 4711", "k": 3})
+        search = client.post("/v1/search", json={"query": "widget number 4711", "k": 3})
         assert search.status_code == 200 and search.json()["hits"]
         # both worker processes serve, and /metrics adds up their requests
         for _ in range(20):
-            assert httpx.get(f"{server.url}/v1/documents", headers=headers).status_code == 200
-        metrics = httpx.get(f"{server.url}/metrics").text
+            assert client.get("/v1/documents").status_code == 200
+        metrics = client.get("/metrics").text
         served = sum(
             float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
             if line.startswith("ragline_requests_total{") and 'route="/v1/documents"' in line and 'method="GET"' in line
         )
         assert served >= 21
     finally:
+        client.close()
         server.kill(signal.SIGTERM)
 
 

@@ -37,6 +37,8 @@ from ragline.pipeline import Candidate, Indexer, IngestError, IngestReport, Prog
 from ragline.store.base import VectorStore
 
 RAY_MISSING = "engine ray needs Ray: pip install 'ragline[ray]'"
+RAY_SOCKET_SUFFIX = len("/ray/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
+UNIX_SOCKET_MAX = 107
 
 
 def where_jobs_run(settings: RaySettings) -> str:
@@ -47,6 +49,14 @@ def where_jobs_run(settings: RaySettings) -> str:
         return f"{os.environ['RAY_ADDRESS']} (RAY_ADDRESS)"
     cpus = settings.num_cpus or os.cpu_count()
     return f"a local Ray runtime started for the job ({cpus} CPUs)"
+
+
+def keep_ray_sockets_short() -> None:
+    """Point Ray's temporary folder (`RAY_TMPDIR`, inherited by the processes it starts) at /tmp when the
+    default, under $TMPDIR, would make its socket paths longer than the 107 bytes a Unix socket path may have."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    if len(base) + RAY_SOCKET_SUFFIX > UNIX_SOCKET_MAX:
+        os.environ["RAY_TMPDIR"] = "/tmp"
 
 
 @contextmanager
@@ -65,6 +75,7 @@ def ray_connection(settings: RaySettings) -> Iterator[None]:
         "runtime_env": settings.runtime_env or None, "log_to_driver": False, "logging_level": logging.WARNING,
     }
     if start_local:
+        keep_ray_sockets_short()
         options.update(address="local", num_cpus=settings.num_cpus, include_dashboard=False)
     else:
         options["address"] = settings.address
