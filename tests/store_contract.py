@@ -81,6 +81,38 @@ def put(store: VectorStore, doc_id: str, hots: list[int], **meta) -> None:
     store.upsert_document(record(doc_id), chunks_for(doc_id, len(hots), **meta), np.stack([vector(h) for h in hots]))
 
 
+@contextmanager
+def handles(open_store: Callable[..., VectorStore]) -> Iterator[Callable[..., VectorStore]]:
+    """A factory of handles on one index (a store module's `opened` fixture); every handle it opened is closed
+    on exit."""
+    stores: list[VectorStore] = []
+
+    def _open(**options) -> VectorStore:
+        stores.append(open_store(**options))
+        return stores[-1]
+
+    try:
+        yield _open
+    finally:
+        for store in stores:
+            store.close()
+
+
+def store_fixtures():
+    """A store module's `store` and `reopen` fixtures, over its `opened` fixture (made with `handles`):
+    `store, reopen = store_fixtures()`."""
+
+    @pytest.fixture
+    def store(opened):
+        return opened()
+
+    @pytest.fixture
+    def reopen(opened):
+        return opened
+
+    return store, reopen
+
+
 def text_vector(text: str, dim: int = DIM) -> np.ndarray:
     """A unit vector that depends only on `text`: the vector a chunk with this text must come back with."""
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,18 +37,24 @@ def ragline(config: Path, *args: str, timeout: float = 300) -> subprocess.Comple
 class Server:
     def __init__(self, config: Path, port: int, *args: str):
         self.url = f"http://127.0.0.1:{port}"
+        # Its log goes to a file: a pipe nobody reads fills up (64 KiB of request logs) and blocks the server.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [*RAGLINE, "--config", str(config), "serve", "--port", str(port), *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=self.log, text=True, start_new_session=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
 
     def ready(self, deadline_s: float = 180) -> None:
         deadline = time.monotonic() + deadline_s
         last = ""
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"the server exited: {self.process.stderr.read()[-3000:]}")
+                pytest.fail(f"the server exited: {self.log_tail()}")
             try:
                 response = httpx.get(f"{self.url}/readyz", timeout=2)
                 if response.status_code == 200:
@@ -57,7 +64,7 @@ class Server:
                 last = repr(exc)
             time.sleep(0.2)
         self.kill()
-        pytest.fail(f"the server did not get ready: {last}; {self.process.stderr.read()[-3000:]}")
+        pytest.fail(f"the server did not get ready: {last}; {self.log_tail()}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Stop the server's process group with `sig`; one that outlasts a SIGTERM's grace is killed."""

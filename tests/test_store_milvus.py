@@ -18,11 +18,13 @@ from store_contract import (
     StoreContract,
     assert_hits_pair_right,
     dense,
+    handles,
     ids,
     keyword,
     put,
     put_texts,
     record,
+    store_fixtures,
     text_vector,
     vector,
 )
@@ -49,25 +51,11 @@ test_filtered_dense_search_is_exact_whether_it_gathers_or_scans = (
 @pytest.fixture
 def opened(tmp_path):
     """Open stores on the test's Milvus Lite file (handles of this process share its server); all closed after."""
-    stores = []
-
-    def _open() -> MilvusStore:
-        stores.append(MilvusStore(str(tmp_path / "milvus.db"), collection="test"))
-        return stores[-1]
-
-    yield _open
-    for store in stores:
-        store.close()
+    with handles(lambda: MilvusStore(str(tmp_path / "milvus.db"), collection="test")) as open_store:
+        yield open_store
 
 
-@pytest.fixture
-def store(opened):
-    return opened()
-
-
-@pytest.fixture
-def reopen(opened):
-    return opened
+store, reopen = store_fixtures()
 
 
 class TestMilvusStore(StoreContract):

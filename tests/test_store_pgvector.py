@@ -16,10 +16,12 @@ from store_contract import (
     StoreContract,
     assert_hits_pair_right,
     dense,
+    handles,
     ids,
     put,
     put_texts,
     record,
+    store_fixtures,
     text_vector,
 )
 
@@ -53,25 +55,11 @@ def schema_name(pgvector_url):
 @pytest.fixture
 def opened(pgvector_url, schema_name):
     """Open stores on the test's schema (each with a pool of its own); all closed afterwards."""
-    stores = []
-
-    def _open(**options) -> PgVectorStore:
-        stores.append(PgVectorStore(pgvector_url, schema_name, **{"pool_size": 2, **options}))
-        return stores[-1]
-
-    yield _open
-    for store in stores:
-        store.close()
+    with handles(lambda **options: PgVectorStore(pgvector_url, schema_name, **{"pool_size": 2, **options})) as open_store:
+        yield open_store
 
 
-@pytest.fixture
-def store(opened):
-    return opened()
-
-
-@pytest.fixture
-def reopen(opened):
-    return opened
+store, reopen = store_fixtures()
 
 
 class TestPgVectorStore(StoreContract):

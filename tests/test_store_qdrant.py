@@ -15,10 +15,12 @@ from store_contract import (
     EVERYTHING,
     StoreContract,
     dense,
+    handles,
     ids,
     keyword,
     put_texts,
     record,
+    store_fixtures,
     text_vector,
 )
 
@@ -35,25 +37,11 @@ from ragline.types import Chunk
 @pytest.fixture
 def opened(tmp_path):
     """Open stores on the test's folder (handles of one process share its client); all closed afterwards."""
-    stores = []
-
-    def _open() -> QdrantStore:
-        stores.append(QdrantStore(path=tmp_path / "qdrant"))
-        return stores[-1]
-
-    yield _open
-    for store in stores:
-        store.close()
+    with handles(lambda: QdrantStore(path=tmp_path / "qdrant")) as open_store:
+        yield open_store
 
 
-@pytest.fixture
-def store(opened):
-    return opened()
-
-
-@pytest.fixture
-def reopen(opened):
-    return opened
+store, reopen = store_fixtures()
 
 
 class TestQdrantStore(StoreContract):

@@ -105,6 +105,9 @@ MAX_LIST = 4_096
 """Milvus's longest ARRAY: the most access groups of a document and filter tags of a chunk."""
 IN_BATCH = 1_000
 """Ids per `in [...]` expression when looking many up (an expression is parsed on every call)."""
+FLUSH_EVERY_ROWS = 5_000
+"""Milvus Lite scans unflushed rows by brute force, and every write looks up and deletes rows by expression:
+without a flush now and then, a long ingest slows down as it goes (each write scanning all rows before it)."""
 LEFTOVER_AGE_S = 600.0
 """A version that is not current and was started this long ago is a killed write's: `persist()` deletes it."""
 DUMMY_VECTOR = [1.0, 0.0]
@@ -264,6 +267,7 @@ class MilvusStore:
         self._chunks, self._documents, self._meta = (f"{collection}_{part}" for part in ("chunks", "documents", "meta"))
         self._lite_path = os.path.abspath(uri) if self.lite else None
         self._closed = False
+        self._unflushed_rows = 0
         if self._lite_path:
             Path(self._lite_path).parent.mkdir(parents=True, exist_ok=True)
             _servers.opened(self._lite_path)
@@ -524,6 +528,10 @@ class MilvusStore:
         stored["updated_at"] = record.updated_at or utc_now()
         self._switch(record.doc_id, version, tenant, groups, len(chunks), stored)
         self._collect(record.doc_id, version)
+        self._unflushed_rows += len(rows)
+        if self.lite and self._unflushed_rows >= FLUSH_EVERY_ROWS:
+            self._client.flush(self._chunks)
+            self._unflushed_rows = 0
 
     def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
         row = self._manifest(f"doc_id == {_literal(doc_id)}").get(doc_id)
