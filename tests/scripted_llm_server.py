@@ -57,6 +57,8 @@ class Received:
     at: float
     body: dict[str, Any]
     headers: dict[str, str]
+    peer: tuple[str, int] | None = None
+    """The client's address: one per connection it opened."""
 
 
 def completion(text: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -108,9 +110,9 @@ class ScriptedLLMServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _next(self, body: dict[str, Any], headers: dict[str, str]) -> Reply | Stream:
+    def _next(self, body: dict[str, Any], headers: dict[str, str], peer: tuple[str, int] | None = None) -> Reply | Stream:
         with self._lock:
-            self.received.append(Received(time.monotonic(), body, headers))
+            self.received.append(Received(time.monotonic(), body, headers, peer))
             if self._script:
                 return self._script.pop(0)
         if self._fallback is not None:
@@ -128,7 +130,7 @@ class ScriptedLLMServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                reply = server._next(body, dict(self.headers))
+                reply = server._next(body, dict(self.headers), tuple(self.client_address[:2]))
                 time.sleep(reply.delay_s)
                 try:
                     if isinstance(reply, Stream):

@@ -134,6 +134,19 @@ def test_bad_requests_are_422_with_a_reason(client, payload):
     assert set(body) == {"code", "message"} and body["code"] == "invalid_request" and body["message"]
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/search", "/v1/query"])
+@pytest.mark.parametrize("options", [
+    {"rerank": {"backend": "http", "base_url": "http://169.254.169.254/latest"}},  # the server would call it
+    {"rerank.backend": "cross-encoder", "rerank.model": "/etc"},  # the server would load it
+    {"rerank": {"api_key": "stolen"}},
+])
+def test_a_request_may_not_name_model_servers_folders_or_keys(client, endpoint, options):
+    response = client.post(endpoint, json={"query": "port", "options": options})
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_options" and "the server's to set" in response.json()["message"]
+    assert client.post(endpoint, json={"query": "port", "options": {"rerank.candidates": 5}}).status_code == 200
+
+
 @pytest.mark.parametrize("endpoint", ["/v1/search", "/v1/query", "/v1/query/stream"])
 @pytest.mark.parametrize(
     "filters",
@@ -163,6 +176,41 @@ def test_an_index_built_with_another_model_is_a_503_with_the_reason(tmp_path, em
         response = client.post("/v1/search", json={"query": "ports"})
         assert response.status_code == 503
         assert response.json()["code"] == "index_unavailable" and "another-model" in response.json()["message"]
+
+
+def test_a_server_deletes_finished_jobs_past_their_retention(tmp_path, embedder):
+    """At startup (then hourly) the server prunes the service database by serve.job_retention_days."""
+    import asyncio
+
+    from ragline.serve.db import Database
+
+    index = build_index(tmp_path, {"a.md": "# A\n\nSome text about ports.\n"}, embedder)
+    settings = Settings(data_dir=index, generate=EXTRACTIVE, serve={"job_retention_days": 1e-6})  # 86 ms
+
+    async def jobs(finish_one: bool) -> list[str]:
+        database = Database.from_settings(settings)
+        try:
+            await database.migrate()
+            if finish_one:
+                job, _ = await database.jobs.submit("default", "source", "docs", "source:docs", ["*"])
+                await database.jobs.claim(30)
+                await database.jobs.finish(job.id, "succeeded", report={})
+            return [job.id for job in await database.jobs.list("default")]
+        finally:
+            await database.close()
+
+    assert len(asyncio.run(jobs(finish_one=True))) == 1
+    time.sleep(0.2)
+    components = Ragline(settings)
+    components.__dict__["embedder"] = embedder
+    with TestClient(create_app(settings, components)) as client:
+        wait_until_ready(client.get)
+        for _ in range(100):  # a hang guard: pruning runs right after the migration
+            if not asyncio.run(jobs(finish_one=False)):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the finished job was not deleted after its retention")
 
 
 def test_an_unexpected_failure_is_a_generic_500_without_a_trace(indexed, embedder, monkeypatch):

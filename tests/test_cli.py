@@ -74,6 +74,21 @@ def test_search_and_ask_read_the_tenant_they_are_given(corpus, tmp_path, capsys)
     assert "120 requests" in json.loads(capsys.readouterr().out)["answer"]
 
 
+def test_a_second_folder_of_the_same_name_needs_a_name_of_its_own(corpus, tmp_path, capsys):
+    other = tmp_path / "elsewhere" / "docs"
+    other.mkdir(parents=True)
+    (other / "ports.md").write_text("# Ports\n\nThe service listens on port 8000.\n")
+    assert run(["ingest", str(corpus)]) == 0
+    assert run(["ingest", str(other)]) == EXIT_RUN_FAILED
+    assert "another name (--name" in capsys.readouterr().err
+    assert run(["ingest", str(other), str(corpus), "--name", "b"]) == 2
+    assert run(["ingest", str(other), "--name", "other-docs", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(report["new"]) == 1 and report["deleted"] == []
+    assert run(["search", "which port does the service listen on?", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"][0]["source"] == "ports.md"
+
+
 def test_status_reports_documents_and_last_ingest(corpus, capsys):
     run(["ingest", str(corpus)])
     capsys.readouterr()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from ragline.app import Ragline
 from ragline.config import DEFAULT_SECRET_EXCLUDES, Settings, SourceSettings
+from ragline import pipeline
+from ragline.ingest.sources import explicit_source
 from ragline.pipeline import IngestError, document_id
 from ragline.store.base import Scope
 
@@ -36,8 +39,10 @@ def corpus(tmp_path: Path) -> Path:
 def make_app(tmp_path: Path, embedder):
     apps = []
 
-    def _make(embedder_settings: dict | None = None, **ingest) -> Ragline:
-        settings = Settings(data_dir=tmp_path / "index", ingest=ingest or {}, embedder=embedder_settings or {})
+    def _make(embedder_settings: dict | None = None, data_dir: Path | None = None, **ingest) -> Ragline:
+        settings = Settings(
+            data_dir=data_dir or tmp_path / "index", ingest=ingest or {}, embedder=embedder_settings or {}
+        )
         app = Ragline(settings)
         app.__dict__["embedder"] = embedder  # share the session's loaded model
         apps.append(app)
@@ -164,7 +169,7 @@ def test_a_touched_file_is_hashed_once_then_skipped_by_its_saved_mtime(corpus, m
     notes = corpus / "notes.txt"
     os.utime(notes, ns=(notes.stat().st_atime_ns, notes.stat().st_mtime_ns + 5_000_000_000))
     assert app.indexer().run([SourceSettings(path=corpus)]).unchanged == 3
-    record = next(r for r in app.store.documents() if r.doc_id == document_id(notes))
+    record = next(r for r in app.store.documents() if r.doc_id == document_id("docs", "notes.txt"))
     assert record.mtime_ns == notes.stat().st_mtime_ns  # so the next run skips it without reading it
 
 
@@ -375,3 +380,134 @@ def test_a_page_is_indexed_again_when_only_a_file_it_includes_changes_appears_or
     snippet.unlink()
     assert [Path(p).name for p in app.indexer().run([source]).changed] == ["config.md"]
     assert "port 9090" not in page_text()
+
+
+TEMPLATE = "https://docs.example.org/{path}.html"
+QUESTIONS = ["how big should the embedding batch be?", "what is the office cat called?", "install from source"]
+
+
+def hits_of(app: Ragline) -> list[list[tuple]]:
+    return [
+        [(h.chunk.chunk_id, h.chunk.doc_id, h.chunk.text, h.chunk.citation_url, round(h.score, 5))
+         for h in app.retriever.search(question, k=5, scope=EVERYTHING).hits]
+        for question in QUESTIONS
+    ]
+
+
+def test_the_same_corpus_under_two_absolute_paths_gets_the_same_ids_and_hits(corpus, make_app, tmp_path):
+    first, second = tmp_path / "home" / "a" / "docs", tmp_path / "srv" / "docs"  # one label: "docs"
+    shutil.copytree(corpus, first)
+    shutil.copytree(corpus, second)
+    apps = [make_app(data_dir=tmp_path / "one"), make_app(data_dir=tmp_path / "two")]
+    for app, root in zip(apps, (first, second)):
+        assert len(app.indexer().run([SourceSettings(path=root, url_template=TEMPLATE)]).new) == 3
+    ids = [{r.doc_id: tuple(r.chunk_ids) for r in app.store.documents()} for app in apps]
+    assert ids[0] == ids[1] and len(ids[0]) == 3
+    assert ids[0][document_id("docs", "guide/tuning.md")]  # the label and the path from the root, nothing else
+    assert hits_of(apps[0]) == hits_of(apps[1]) and all(hits_of(apps[0]))
+
+
+def test_a_moved_corpus_with_a_url_template_is_followed_without_embedding_again(corpus, make_app, tmp_path):
+    app = make_app()
+    assert len(app.indexer().run([SourceSettings(path=corpus, url_template=TEMPLATE)]).new) == 3
+    rows = app.store._db.execute("SELECT chunk_id, vector FROM chunks ORDER BY chunk_id").fetchall()
+    before = hits_of(app)
+    moved = tmp_path / "elsewhere" / "docs"
+    shutil.copytree(corpus, moved)  # mtimes kept
+    shutil.rmtree(corpus)
+    os.utime(moved / "notes.txt")  # a new mtime, the same content: hashed, found unchanged
+    report = app.indexer().run([SourceSettings(path=moved, url_template=TEMPLATE)])
+    assert (report.new, report.changed, report.deleted, report.failed, report.chunks) == ([], [], [], [], 0)
+    assert report.unchanged == 3
+    assert app.store._db.execute("SELECT chunk_id, vector FROM chunks ORDER BY chunk_id").fetchall() == rows
+    assert hits_of(app) == before
+    assert {r.root for r in app.store.documents()} == {str(moved)}  # the manifest follows the move
+    assert all(Path(r.source).is_relative_to(moved) for r in app.store.documents())
+
+    (moved / "guide" / "install.md").unlink()  # gone from the new place: deleted by its label and path
+    report = app.indexer().run([SourceSettings(path=moved, url_template=TEMPLATE)])
+    assert [Path(p).name for p in report.deleted] == ["install.md"] and report.unchanged == 2
+
+
+def test_a_moved_corpus_drops_the_files_it_left_behind(corpus, make_app, tmp_path):
+    app = make_app()
+    app.indexer().run([SourceSettings(path=corpus, url_template=TEMPLATE)])
+    moved = tmp_path / "new" / "docs"
+    shutil.move(corpus, moved)
+    (moved / "notes.txt").unlink()
+    report = app.indexer().run([SourceSettings(path=moved, url_template=TEMPLATE)])
+    assert report.deleted == [str(corpus / "notes.txt")] and report.unchanged == 2
+    assert sorted(Path(r.source).name for r in app.store.documents()) == ["install.md", "tuning.md"]
+
+
+def test_another_folder_of_the_same_name_is_refused_while_the_first_is_still_there(corpus, make_app, tmp_path):
+    """Two projects' `docs` folders are two sources: syncing the second must not delete the first's documents."""
+    app = make_app()
+    app.indexer().run([SourceSettings(path=corpus, url_template=TEMPLATE)])
+    other = tmp_path / "project_b" / "docs"
+    other.mkdir(parents=True)
+    (other / "extra.md").write_text("# Extra\n\nThe lighthouse keeper counts ships at dawn.\n")
+    with pytest.raises(IngestError, match=r"holds a source called 'docs' from .*still there: give this one another name"):
+        app.indexer().run([SourceSettings(path=other)])
+    assert len(app.store.documents()) == 3
+    report = app.indexer().run([SourceSettings(path=other, name="project-b-docs")])
+    assert len(report.new) == 1 and report.deleted == [] and len(app.store.documents()) == 4
+
+
+def test_without_a_url_template_a_moved_corpus_is_indexed_again_for_its_file_urls(corpus, make_app, tmp_path):
+    app = make_app()
+    app.indexer().run([SourceSettings(path=corpus)])
+    moved = tmp_path / "new" / "docs"
+    shutil.move(corpus, moved)
+    report = app.indexer().run([SourceSettings(path=moved)])
+    assert len(report.changed) == 3 and report.deleted == [] and len(app.store.documents()) == 3
+    hit = app.retriever.search("office cat", k=1, scope=EVERYTHING).hits[0]
+    assert hit.chunk.citation_url == (moved / "notes.txt").as_uri()
+
+
+def test_two_sources_with_one_label_are_refused_until_one_is_named(corpus, make_app, tmp_path):
+    other = tmp_path / "other" / "docs"
+    other.mkdir(parents=True)
+    (other / "extra.md").write_text("# Extra\n\nThe lighthouse keeper counts ships at dawn.\n")
+    with pytest.raises(ValueError, match="two sources are called 'docs'.*give one a `name:`"):
+        Settings(ingest={"sources": [{"path": str(corpus)}, {"path": str(other)}]})
+    app = make_app()
+    with pytest.raises(IngestError, match="give one a `name:`"):
+        app.indexer().run([SourceSettings(path=corpus), SourceSettings(path=other)])
+    assert app.store.documents() == []
+    named = [SourceSettings(path=corpus), SourceSettings(path=other, name="other-docs")]
+    Settings(ingest={"sources": [source.model_dump() for source in named]})
+    assert len(app.indexer().run(named).new) == 4
+
+
+def test_a_pipeline_version_bump_reindexes_once_and_leaves_one_record_per_file(corpus, make_app, monkeypatch):
+    app = make_app()
+    with monkeypatch.context() as patched:  # an index built with another id scheme and pipeline version
+        patched.setattr(pipeline, "PIPELINE_VERSION", "old")
+        patched.setattr(pipeline, "document_id", lambda label, relative: "old-" + document_id(label, relative))
+        assert len(app.indexer().run([SourceSettings(path=corpus)]).new) == 3
+    report = app.indexer().run([SourceSettings(path=corpus)])
+    assert len(report.new) == 3 and len(report.deleted) == 3
+    records = app.store.documents()
+    assert sorted(Path(r.source).name for r in records) == ["install.md", "notes.txt", "tuning.md"]
+    assert not any(r.doc_id.startswith("old-") for r in records)
+    assert app.store.count() == sum(len(r.chunk_ids) for r in records)
+    assert app.indexer().run([SourceSettings(path=corpus)]).unchanged == 3
+
+
+def test_a_path_inside_a_configured_source_keeps_its_ids_and_syncs_only_there(corpus, make_app):
+    configured = [SourceSettings(path=corpus, tenant="acme", groups=["eng"], url_template=TEMPLATE)]
+    app = make_app()
+    app.indexer().run(configured)
+    ids = {r.doc_id for r in app.store.documents()}
+    (corpus / "guide" / "install.md").unlink()
+    (corpus / "guide" / "faq.md").write_text("# FAQ\n\nThe answer to the usual question is forty-two.\n")
+    (corpus / "notes.txt").unlink()  # outside the part synced: left as it is
+    part = explicit_source(str(corpus / "guide"), None, configured)
+    assert part.label == "docs" and part.tenant == "acme" and part.url_template == TEMPLATE
+    report = app.indexer().run([part])
+    assert [Path(p).name for p in report.new] == ["faq.md"] and report.unchanged == 1
+    assert [Path(p).name for p in report.deleted] == ["install.md"]
+    records = {r.doc_id: r for r in app.store.documents()}
+    assert document_id("docs", "guide/faq.md") in records and document_id("docs", "notes.txt") in ids & set(records)
+    assert records[document_id("docs", "guide/faq.md")].groups == ["eng"]

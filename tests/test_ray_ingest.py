@@ -84,7 +84,7 @@ def corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, embedder) -> tuple[Path, dict]:
-    """A corpus that is not edited, and its index by an uninterrupted local run (ids hold the corpus's path)."""
+    """A corpus that is not edited, and its index by an uninterrupted local run."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     corpus = write_corpus(folder / "corpus")
     return corpus, ingest(folder / "local", corpus, embedder, "local")[1]

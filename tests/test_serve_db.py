@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -360,5 +360,51 @@ def test_feedback_only_on_answers_of_the_callers_tenant(service_database_url):
         assert await answers.list_feedback("globex") == []
         json.dumps(stored.to_dict())
         json.dumps(feedback.to_dict())
+
+    with_database(service_database_url, scenario)
+
+
+def test_prune_deletes_only_what_is_past_its_retention(service_database_url):
+    """Finished jobs and answers older than their retention go (feedback with its answer, a chat message keeps its
+    text); queued and running jobs, newer rows and settings of None are kept."""
+
+    async def age(database: Database, table: str, column: str, row_id: str, days: float) -> None:
+        async with database._writer.connect() as connection, connection.begin():
+            when = await connection.scalar(text(f"SELECT {column} FROM {table} WHERE id = :id"), {"id": row_id})
+            if isinstance(when, str):  # SQLite keeps text
+                when = datetime.fromisoformat(when)
+            await connection.execute(
+                text(f"UPDATE {table} SET {column} = :when WHERE id = :id"),
+                {"when": when - timedelta(days=days), "id": row_id},
+            )
+
+    async def scenario(database: Database) -> None:
+        jobs = database.jobs
+        old_done, _ = await jobs.submit("acme", "source", "docs", "source:docs", ["*"])
+        await jobs.claim(30)
+        await jobs.finish(old_done.id, "succeeded", report={})
+        new_done, _ = await jobs.submit("acme", "source", "docs", "source:docs", ["*"])
+        await jobs.claim(30)
+        await jobs.finish(new_done.id, "failed", error="x")
+        old_queued, _ = await jobs.submit("acme", "upload", "u", "upload:1", ["*"])
+        for job_id in (old_done.id, old_queued.id):
+            await age(database, "jobs", "updated_at", job_id, 40)
+
+        answers, chats = database.answers, database.chats
+        session = await chats.create_session("acme", "key:1", "t")
+        old_answer = await answers.record("acme", "key:1", "old?", {"text": "old"}, session.id)
+        await chats.add_message(session.id, "assistant", "old", old_answer)
+        await answers.add_feedback("acme", "key:1", old_answer, 1)
+        new_answer = await answers.record("acme", "key:1", "new?", {"text": "new"})
+        kept_feedback = await answers.add_feedback("acme", "key:1", new_answer, -1)
+        await age(database, "answers", "created_at", old_answer, 400)
+
+        assert await database.prune(None, None) == {}
+        assert await database.prune(30, 365) == {"jobs": 1, "answers": 1}
+        assert {job.id for job in await jobs.list("acme")} == {new_done.id, old_queued.id}
+        assert await answers.get("acme", old_answer) is None
+        assert await answers.list_feedback("acme") == [kept_feedback]
+        assert [(m.content, m.answer_id) for m in await chats.messages(session.id)] == [("old", None)]
+        assert await database.prune(30, 365) == {"jobs": 0, "answers": 0}
 
     with_database(service_database_url, scenario)

@@ -6,11 +6,12 @@ Nested fields use `__` in environment variables, e.g.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -64,24 +65,102 @@ class _Strict(BaseModel):
 
 
 class SourceSettings(_Strict):
-    """A folder (or file) to index, who may read it, and how to build the public URL of what is in it."""
+    """A folder (or file) or an object-store prefix to index, who may read it, and how to build the public URL of
+    what is in it.
 
-    path: Path
-    name: str | None = Field(default=None, description="what `POST /v1/ingest` calls it (default: the folder's name)")
+    Its documents' identity is its `label` (its `name`, else the folder's or prefix's last name) and each file's
+    path relative to it: the same corpus under another absolute path, or on another machine, keeps its document
+    ids, so two sources of one index may not share a label.
+    """
+
+    path: Path | str = Field(
+        description="a folder or file, or an fsspec URL of an object-store prefix: s3://bucket/prefix (S3, MinIO, R2; "
+        "`pip install 'ragline[s3]'`)",
+    )
+    name: str | None = Field(
+        default=None,
+        description="what `POST /v1/ingest` calls it, and its documents' identity (default: the folder's name, or "
+        "the prefix's last part); give one when two sources end in the same name",
+    )
     tenant: str = Field(default="default", min_length=1, max_length=64, description="the tenant its documents belong to")
     groups: list[str] = Field(
         default_factory=lambda: ["*"],
         description='access groups that may read its documents; "*" is everyone in the tenant',
     )
-
-    @property
-    def label(self) -> str:
-        """Its name, or its folder's."""
-        return self.name or self.path.name
     url_template: str | None = Field(
         default=None,
         description="e.g. https://docs.example.org/{path}.html; {path} is the relative path without suffix",
     )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="object-store sources: fsspec options, e.g. endpoint_url, key and secret (or anon: true), region; "
+        "none: credentials from the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws). Secret ones "
+        "(key, secret, token, password…) are masked in `ragline config show`",
+    )
+    _within: str = PrivateAttr(default="")
+    """Only this part of the source (a relative path) is synced: `ragline ingest PATH` inside a configured source."""
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_or_url(cls, value: Any) -> Any:
+        """A URL stays text (Path() would fold its `//`); anything else is a local path."""
+        if isinstance(value, str) and is_url(value):
+            if value.lower().startswith("file://"):
+                from urllib.parse import unquote, urlsplit
+
+                return Path(unquote(urlsplit(value).path))
+            return value
+        return Path(value) if isinstance(value, (str, Path)) else value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _mask_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {key: SecretStr(item) if secret_option(key) and isinstance(item, str) else item
+                for key, item in value.items()}
+
+    @model_validator(mode="after")
+    def _options_need_a_url(self) -> SourceSettings:
+        if self.storage_options and not self.is_remote:
+            raise ValueError(f"storage_options are for object-store sources (s3://…), not the folder {self.path}")
+        if self.name is not None and not self.name.strip():
+            raise ValueError("a source's name may not be empty")
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        """An object-store URL rather than a local path."""
+        return isinstance(self.path, str)
+
+    @property
+    def local_path(self) -> Path:
+        """The local folder or file (only for a source that is not remote)."""
+        if isinstance(self.path, str):
+            raise TypeError(f"{self.path} is an object-store URL, not a local path")
+        return self.path
+
+    @property
+    def label(self) -> str:
+        """Its name, or the last name of its folder (made absolute, links not followed) or URL."""
+        if self.name:
+            return self.name
+        if isinstance(self.path, str):
+            return self.path.split("://", 1)[1].rstrip("/").rsplit("/", 1)[-1]
+        return Path(os.path.abspath(self.path.expanduser())).name
+
+
+SECRET_OPTION_WORDS = ("secret", "token", "password", "passwd", "credential", "signature", "sas", "connection_string")
+
+
+def secret_option(key: str) -> bool:
+    """Whether a storage option holds a secret: masked as SecretStr, shown as ********** by `ragline config show`."""
+    lowered = key.lower()
+    return lowered == "key" or lowered.endswith("_key") or any(word in lowered for word in SECRET_OPTION_WORDS)
+
+
+def is_url(text: str) -> bool:
+    """Whether a source path is a URL (scheme://…) for fsspec, rather than a local path."""
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()
 
 
 class EmbedderSettings(_Strict):
@@ -155,6 +234,24 @@ class IngestSettings(_Strict):
         description="modules imported before parsing (in every worker) that add loaders to "
         "ragline.ingest.loaders.LOADERS",
     )
+
+    @model_validator(mode="after")
+    def _labels_differ(self) -> IngestSettings:
+        if clash := label_clash(self.sources):
+            raise ValueError(clash)
+        return self
+
+
+def label_clash(sources: list[SourceSettings]) -> str | None:
+    """Why sources cannot be indexed together: two share a label, so their documents would share ids."""
+    seen: dict[str, SourceSettings] = {}
+    for source in sources:
+        if (other := seen.setdefault(source.label, source)) is not source:
+            return (
+                f"two sources are called {source.label!r} ({other.path} and {source.path}); a source's name is its "
+                "documents' identity: give one a `name:` in ingest.sources"
+            )
+    return None
 
 
 class StoreSettings(_Strict):
@@ -507,6 +604,160 @@ class ServeSettings(_Strict):
     job_lease_s: float = Field(
         default=30.0, gt=0, description="a running ingest job whose server stops beating for this long is resumed"
     )
+    job_retention_days: float | None = Field(
+        default=30, gt=0, description="finished ingest jobs older than this are deleted (none: kept forever)"
+    )
+    answer_retention_days: float | None = Field(
+        default=365, gt=0,
+        description="recorded answers (questions included) and their feedback older than this are deleted "
+        "(none: kept forever)",
+    )
+
+
+class WatchSettings(_Strict):
+    """`ragline watch`: how changes to the sources become ingest jobs."""
+
+    debounce_s: float = Field(
+        default=2.0, gt=0, le=3600,
+        description="quiet time after a folder's last file event before its job is submitted: a burst of writes "
+        "(an editor's save, a copy, a git checkout) becomes one job",
+    )
+    max_delay_s: float = Field(
+        default=30.0, gt=0, le=86400,
+        description="longest a change waits for the quiet time while writes keep coming; at least debounce_s",
+    )
+    poll_s: float = Field(
+        default=30.0, ge=0.1, le=86400,
+        description="how often an object-store source (s3://…) is listed; new, changed (ETag or size) and deleted "
+        "objects submit a job",
+    )
+    job_poll_s: float = Field(
+        default=1.0, ge=0.05, le=60, description="how often the outcome of a submitted job is looked up"
+    )
+    timeout_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="deadline of one database call or object-store listing; one that runs out is retried at the "
+        "next poll",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["*~", "#*#", "*.swp", "*.swx", "*.swo", "4913", "*.tmp", "*.part", "*.crdownload",
+                                 "~$*"],
+        description="fnmatch patterns of editor and download temp files whose events never submit a job, on top "
+        "of ingest.exclude and ingest.exclude_secrets (hidden files such as .#name and .name.swp are excluded "
+        "there already)",
+    )
+
+    @model_validator(mode="after")
+    def _delay_covers_debounce(self) -> WatchSettings:
+        if self.max_delay_s < self.debounce_s:
+            raise ValueError(f"watch.max_delay_s ({self.max_delay_s:g}) must be at least watch.debounce_s "
+                             f"({self.debounce_s:g})")
+        return self
+
+
+class ServeDeploymentSettings(_Strict):
+    """One Ray Serve deployment: its replicas, autoscaled between `min_replicas` and `max_replicas` on the
+    requests each one has in hand, and what each replica asks of the cluster."""
+
+    min_replicas: int = Field(default=1, ge=1, description="replicas kept running however quiet it is")
+    max_replicas: int = Field(default=1, ge=1, description="replicas at most, however busy")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="requests in hand per replica that the autoscaler aims at: more adds replicas"
+    )
+    max_ongoing_requests: int = Field(
+        default=16, ge=1, description="requests one replica takes at once; more wait in the proxy or go elsewhere"
+    )
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs of one replica (its model's threads: this many)")
+    num_gpus: float = Field(
+        default=0.0, ge=0, description="GPUs of one replica; a fraction shares a GPU (set the model's device: cuda)"
+    )
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeDeploymentSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class ServeEmbedderSettings(ServeDeploymentSettings):
+    """The embedding deployment: OpenAI-compatible `/v1/embeddings`, concurrent requests embedded together."""
+
+    max_batch_size: int = Field(
+        default=32, ge=1, description="requests embedded in one model call at most (1: no dynamic batching)"
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, le=10, description="longest a request waits for others to fill its batch"
+    )
+
+
+class ServeRerankerSettings(ServeDeploymentSettings):
+    """The reranker deployment: TEI-style `/rerank` over retrieve.rerank's cross-encoder."""
+
+    enabled: bool = Field(
+        default=True, description="deploy the cross-encoder when retrieve.rerank.backend is cross-encoder"
+    )
+
+
+class ServeLLMSettings(ServeDeploymentSettings):
+    """The LLM deployment: OpenAI-compatible `/v1/chat/completions`."""
+
+    enabled: bool = Field(
+        default=True, description="deploy generate.llm when it is a local model (llama-cpp), or with engine vllm"
+    )
+    engine: Literal["llama-cpp", "vllm"] = Field(
+        default="llama-cpp",
+        description="llama-cpp: generate.llm through ragline's own server on CPU replicas; vllm: Ray's "
+        "`ray.serve.llm` OpenAI app on GPU nodes (needs vLLM there: pip install 'ray[llm]')",
+    )
+    model_source: str | None = Field(
+        default=None, description="vllm: the Hugging Face id or path of the weights (default: generate.llm.model)"
+    )
+    accelerator_type: str | None = Field(default=None, description="vllm: the GPU type to run on, e.g. A10G, L4")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: engine arguments, e.g. {max_model_len: 8192, tensor_parallel_size: 2}"
+    )
+    num_cpus: float = Field(default=2.0, ge=0, description="CPUs of one replica (llama.cpp's threads: this many)")
+
+
+class ServeAPISettings(ServeDeploymentSettings):
+    """The API deployment (the ingress): ragline's HTTP API, reaching the models over HTTP."""
+
+    num_cpus: float = Field(default=0.5, ge=0, description="CPUs of one replica")
+    model_deadline_s: float | None = Field(
+        default=30.0, gt=0,
+        description="deadline of each model call a request makes (an embedding, a rerank, a short LLM call, "
+        "opening an answer's stream), its retries included; none: each call's own timeouts",
+    )
+
+
+class RayServeSettings(_Strict):
+    """`ragline serve --engine ray`: the models and the API as Ray Serve deployments, each scaled on its own."""
+
+    http_host: str | None = Field(default=None, description="where Serve's HTTP proxy listens (default: serve.host)")
+    http_port: int | None = Field(
+        default=None, ge=1, le=65535, description="its port (default: serve.port)"
+    )
+    model_url: str | None = Field(
+        default=None,
+        description="how the API replicas reach the model routes (default: http://127.0.0.1:<port>, the proxy "
+        "Serve runs on each node)",
+    )
+    model_api_key: SecretStr | None = Field(
+        default=None,
+        description="bearer token the model routes require (default: a new random one per deployment, known "
+        "only to the API replicas)",
+    )
+    embedder: ServeEmbedderSettings = Field(default_factory=ServeEmbedderSettings)
+    reranker: ServeRerankerSettings = Field(default_factory=ServeRerankerSettings)
+    llm: ServeLLMSettings = Field(default_factory=ServeLLMSettings)
+    api: ServeAPISettings = Field(default_factory=ServeAPISettings)
+
+    @field_validator("model_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"ray.serve.model_url must start with http:// or https://, not {value!r}")
+        return value.rstrip("/") if value else value
 
 
 class RaySettings(_Strict):
@@ -546,6 +797,9 @@ class RaySettings(_Strict):
         "embedder.device: cuda with it",
     )
     embed_batch_files: int = Field(default=16, ge=1, description="files whose chunks one embedding call encodes")
+    serve: RayServeSettings = Field(
+        default_factory=RayServeSettings, description="`ragline serve --engine ray`: the Ray Serve deployments"
+    )
 
 
 class Settings(BaseSettings):
@@ -561,6 +815,7 @@ class Settings(BaseSettings):
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     engine: Literal["local", "ray"] = Field(
         default="local", description="what runs ingestion: local (this process and its parse workers) or ray"
@@ -665,13 +920,31 @@ def with_store_url(settings: Settings, url: str) -> Settings:
     return settings.model_copy(update={"store": store, "data_dir": data_dir})
 
 
-def retrieve_options(base: RetrieveSettings, overrides: Mapping[str, Any] | None) -> RetrieveSettings:
+SERVER_ONLY_OPTIONS = ("rerank.model", "rerank.base_url", "rerank.api_key")
+"""Retrieval options an API caller may not change: which model folder the server loads, which server it calls
+and with which key (a caller's URL would make the server request any address it can reach)."""
+
+
+def retrieve_options(
+    base: RetrieveSettings, overrides: Mapping[str, Any] | None, caller_may_set_servers: bool = True
+) -> RetrieveSettings:
     """`base` with one request's overrides (nested keys as dicts or dotted names: `{"rerank.backend": "llm"}`).
 
-    Raises ConfigError naming the bad key or value; the result is validated like the config itself.
+    Raises ConfigError naming the bad key or value; the result is validated like the config itself. An API
+    request (`caller_may_set_servers` False) may not change the SERVER_ONLY_OPTIONS.
     """
     if not overrides:
         return base
+    options = _merged_options(base, overrides)
+    if not caller_may_set_servers:
+        for name in SERVER_ONLY_OPTIONS:
+            section, field = name.split(".")
+            if getattr(getattr(options, section), field) != getattr(getattr(base, section), field):
+                raise ConfigError(f"retrieval option {name!r} is the server's to set (its config), not a request's")
+    return options
+
+
+def _merged_options(base: RetrieveSettings, overrides: Mapping[str, Any]) -> RetrieveSettings:
     merged = base.model_dump()
     for key, value in overrides.items():
         *parents, name = str(key).split(".")

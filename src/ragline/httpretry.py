@@ -4,19 +4,18 @@ Transient means HTTP 429, HTTP 5xx, timeouts and dropped connections; any
 other 4xx is a mistake in the request and fails at once. A server's
 `Retry-After` header (seconds or an HTTP date) is honoured, capped at the
 longest backoff.
-Clients raise `TransientError` for what is worth another try and hand
-`retry_policy(...)` to tenacity's `Retrying` or `AsyncRetrying`.
+Clients raise `TransientError` for what is worth another try; `ragline.modelclient`
+(the one client of the model services) waits `retry_wait(...)` between tries.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 import httpx
-from tenacity import RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 
 class TransientError(Exception):
@@ -69,14 +68,10 @@ def check_response(response: httpx.Response) -> str | None:
     return reason
 
 
-def retry_policy(attempts: int, initial_wait: float = 0.5, max_wait: float = 20.0) -> dict[str, Any]:
-    """Keyword arguments for tenacity; after the last try tenacity raises `RetryError`."""
-    backoff = wait_exponential_jitter(initial=initial_wait, max=max_wait, jitter=initial_wait)
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, TransientError) and exc.retry_after is not None:
-            return min(exc.retry_after, max_wait)
-        return backoff(state)
-
-    return {"stop": stop_after_attempt(attempts), "wait": wait, "retry": retry_if_exception_type(TransientError)}
+def retry_wait(attempt: int, error: BaseException | None, initial_wait: float = 0.5, max_wait: float = 20.0) -> float:
+    """Seconds to wait after failed try number `attempt` (from 1): the server's `Retry-After` when it gave one,
+    else exponential backoff with jitter (`initial * 2**(attempt-1)` plus up to `initial`), both capped at
+    `max_wait`."""
+    if isinstance(error, TransientError) and error.retry_after is not None:
+        return min(error.retry_after, max_wait)
+    return max(0.0, min(initial_wait * 2 ** (attempt - 1) + random.uniform(0, initial_wait), max_wait))

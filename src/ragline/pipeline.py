@@ -9,6 +9,13 @@ ends in the state of an uninterrupted run. One run at a time per index: the
 whole run holds `ingest.lock` in the data folder. Each file is stored with
 its source's tenant and access groups; when only those change, the file's
 access is changed in place (`VectorStore.set_access`), not re-embedded.
+
+Sources are local folders or object-store prefixes (`ingest.sources`: one
+`Source` each lists entries with change stamps and reads their bytes). A
+document's id is its source's label and its path from the source's root, never
+where the source is: the same corpus under another path, on another node or
+in a bucket keeps its ids, and a moved source is followed (its manifest rows
+are moved without re-embedding where its chunks do not depend on the path).
 """
 
 from __future__ import annotations
@@ -20,25 +27,30 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import numpy as np
 
-from ragline.config import IngestSettings, SourceSettings
+from ragline.config import IngestSettings, SourceSettings, label_clash
 from ragline.embed.base import Embedder, EmbedderUnavailable
 from ragline.ingest.chunker import Chunker
 from ragline.ingest.loaders import loader_for
 from ragline.ingest.loaders.base import LoadError, file_stamp
 from ragline.ingest.parse import ParseJob, ParseResult
-from ragline.ingest.scan import Found, printable, scan
+from ragline.ingest.sources import Entry, Source, SourceError, is_under, open_source, relative_in
 from ragline.ingest.workers import ParsePool, WorkerError, import_loader_modules
 from ragline.locking import hold_exclusive
 from ragline.store.base import DocumentRecord, VectorStore
 from ragline.types import Chunk, utc_now
 
-PIPELINE_VERSION = "5"
-"""Bump when loaders or chunking change what they produce, so every file is re-indexed."""
+PIPELINE_VERSION = "6"
+"""Bump when loaders or chunking change what they produce, so every file is re-indexed (6: document ids from
+the source's label and relative path; the rows under the old ids are deleted by the run that re-indexes)."""
+
+__all__ = ["PIPELINE_VERSION", "IngestError", "IngestReport", "Indexer", "document_id", "entry_url", "is_under"]
+
+Planned = tuple[SourceSettings, Source, list[Entry]]
 
 LOCK_POLL_S = 0.2
 
@@ -99,20 +111,21 @@ class Candidate:
     chunks: list[Chunk] = field(default_factory=list)
 
 
-def document_id(path: Path) -> str:
-    """The file's identity: its absolute path, as bytes (a name need not be valid UTF-8)."""
-    return hashlib.sha256(os.fsencode(path)).hexdigest()[:20]
+def document_id(label: str, relative: str) -> str:
+    """A document's identity: its source's label and its posix path from the source's root (printable), so the
+    same corpus under another absolute path, on another machine or in an object store keeps its ids."""
+    return hashlib.sha256(f"{label}\0{relative}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
-def file_url(path: Path, relative: str, url_template: str | None) -> str:
-    """The public URL of a file: the template with {path} (relative, no suffix), else a file:// URI."""
+def entry_url(source: Source, entry: Entry, url_template: str | None) -> str:
+    """The public URL of a file: the template with {path} (relative, no suffix), else its file:// or object URL."""
     if not url_template:
-        return path.as_uri()
-    return url_template.replace("{path}", Path(relative).with_suffix("").as_posix())
-
-
-def is_under(source: str, root: str) -> bool:
-    return source == root or source.startswith(root.rstrip(os.sep) + os.sep)
+        return source.default_url(entry)
+    try:
+        bare = PurePosixPath(entry.relative).with_suffix("").as_posix()
+    except ValueError:  # a name such as ".."
+        bare = entry.relative
+    return url_template.replace("{path}", bare)
 
 
 @contextmanager
@@ -165,28 +178,34 @@ class Indexer:
         self._pending: list[Candidate] = []
         self._pending_chunks = 0
 
-    def fingerprint(self, source: SourceSettings, root: Path) -> str:
-        """What, besides file content, decides a file's chunks; a change re-indexes the file."""
+    def fingerprint(self, settings: SourceSettings, source: Source) -> str:
+        """What, besides file content, decides a file's chunks; a change re-indexes the file. Where the source is
+        counts only without a url_template (the chunks' file:// or object URLs depend on it), so a moved corpus
+        with a template is not embedded again."""
         parts = {
             "pipeline": PIPELINE_VERSION,
             "embedder": self.embedder.name,
             "document_prefix": self.chunker.document_prefix,
             "chunk_tokens": self.chunker.chunk_tokens,
             "overlap_tokens": self.chunker.overlap_tokens,
-            "url_template": source.url_template,
-            "root": printable(root),  # chunk sources are relative to it
+            "url_template": settings.url_template,
         }
+        if not settings.url_template:
+            parts["root"] = source.root
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
-    def plan(self, sources: list[SourceSettings]) -> list[tuple[SourceSettings, Path, list[Found]]]:
-        """Resolve the sources and list their files; a missing source is an error, not a deletion."""
+    def plan(self, sources: list[SourceSettings]) -> list[Planned]:
+        """Open the sources and list their entries; a source that cannot be listed is an error, not a deletion."""
+        if clash := label_clash(sources):
+            raise IngestError(clash)
         planned = []
-        for source in sources:
-            root = source.path.expanduser().resolve()
-            if not root.exists():
-                raise IngestError(f"{source.path} does not exist; check the path (nothing was changed)")
-            found = list(scan(root, self.settings.exclude, self.settings.exclude_secrets))
-            planned.append((source, root, found))
+        for settings in sources:
+            try:
+                source = open_source(settings, self.settings)
+                entries = list(source.entries())
+            except SourceError as exc:
+                raise IngestError(str(exc)) from exc
+            planned.append((settings, source, entries))
         return planned
 
     def run(self, sources: list[SourceSettings], full: bool = False, prune_other_roots: bool = False) -> IngestReport:
@@ -208,13 +227,16 @@ class Indexer:
             self.store.clear()
         self.store.set_meta("embedder", self.embedder.name)
         manifest = {record.doc_id: record for record in self.store.documents()}
+        refuse_takeover(planned, manifest)
         seen: set[str] = set()
         self._index(self._compare(planned, manifest, seen, report), report)
-        roots = {printable(root) for _, root, _ in planned}
+        roots = {source.root for _, source, _ in planned}
         for record in manifest.values():
-            gone = any(is_under(record.source, root) for root in roots)
+            if record.doc_id in seen:
+                continue
+            gone = any(belongs(record, source) for _, source, _ in planned)
             dropped_root = prune_other_roots and record.root not in roots
-            if record.doc_id not in seen and (gone or dropped_root):
+            if gone or dropped_root:
                 self.store.delete_document(record.doc_id)
                 report.deleted.append(record.source)
         self.store.persist()
@@ -243,72 +265,91 @@ class Indexer:
 
     def _compare(
         self,
-        planned: list[tuple[SourceSettings, Path, list[Found]]],
+        planned: list[Planned],
         manifest: dict[str, DocumentRecord],
         seen: set[str],
         report: IngestReport,
     ) -> Iterator[tuple[Candidate, ParseJob]]:
         """Each file that needs parsing, with its job; the others are settled here (unchanged, skipped…)."""
-        for source, root, found in planned:
-            fingerprint = self.fingerprint(source, root)
-            for item in found:
-                shown = printable(item.path)
-                if item.skipped:
-                    report.skipped.append((shown, item.skipped))
-                    self.progress.advance(shown)
+        for settings, source, entries in planned:
+            fingerprint = self.fingerprint(settings, source)
+            for entry in entries:
+                if entry.skipped:
+                    report.skipped.append((entry.location, entry.skipped))
+                    self.progress.advance(entry.location)
                     continue
-                if loader_for(item.path) is None:
+                if loader_for(Path(entry.relative)) is None:
                     report.unsupported += 1
-                    self.progress.advance(shown)
+                    self.progress.advance(entry.location)
                     continue
-                doc_id = document_id(item.path)
+                doc_id = document_id(source.label, entry.relative)
                 seen.add(doc_id)
-                job = self._job(item, root, source, doc_id, fingerprint, manifest.get(doc_id), report)
+                job = self._job(entry, settings, source, doc_id, fingerprint, manifest.get(doc_id), report)
                 if job is None:
-                    self.progress.advance(shown)
+                    self.progress.advance(entry.location)
                     continue
                 yield job
 
     def _job(
         self,
-        item: Found,
-        root: Path,
-        source: SourceSettings,
+        entry: Entry,
+        settings: SourceSettings,
+        source: Source,
         doc_id: str,
         fingerprint: str,
         known: DocumentRecord | None,
         report: IngestReport,
     ) -> tuple[Candidate, ParseJob] | None:
         """The parse job of a new or changed file; None when it is unchanged or cannot be read."""
-        try:
-            stat = item.path.stat()
-        except OSError as exc:
-            report.failed.append((printable(item.path), f"cannot read: {exc.strerror}"))
+        if entry.error:
+            report.failed.append((entry.location, entry.error))
             return None
         indexed = known is not None and known.status in ("indexed", "skipped") and known.fingerprint == fingerprint
-        indexed = indexed and not any(file_stamp(root / path) != stamp for path, stamp in known.dependencies.items())
-        if indexed and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
-            self._sync_access(known, source, report)
-            report.unchanged += 1
+        indexed = indexed and not dependencies_changed(known, source)
+        if indexed and (known.size, known.mtime_ns) == (entry.size, entry.version):
+            self._unchanged(known, entry, settings, source, report)
             return None
         record = DocumentRecord(
-            doc_id=doc_id, source=printable(item.path), root=printable(root), size=stat.st_size,
-            mtime_ns=stat.st_mtime_ns, sha256="", fingerprint=fingerprint, tenant=source.tenant,
-            groups=list(source.groups),
+            doc_id=doc_id, source=entry.location, root=source.root, size=entry.size, mtime_ns=entry.version,
+            sha256="", fingerprint=fingerprint, tenant=settings.tenant, groups=list(settings.groups),
         )
         try:
-            data = self._read(item.path, stat.st_size)
+            data = source.read(entry, self.settings.max_file_mb)
         except LoadError as exc:
             self._fail(record, str(exc), report)
             return None
+        except SourceError as exc:
+            raise IngestError(str(exc)) from exc
         record.sha256 = hashlib.sha256(data).hexdigest()
-        if indexed and known.sha256 == record.sha256:
-            self.store.touch_document(doc_id, stat.st_size, stat.st_mtime_ns)  # touched, not changed
-            self._sync_access(known, source, report)
-            report.unchanged += 1
+        if indexed and known.sha256 == record.sha256:  # touched, not changed
+            self._unchanged(known, entry, settings, source, report, touched=True)
             return None
-        url = file_url(item.path, item.relative, source.url_template)
-        return Candidate(record, is_new=known is None), ParseJob(doc_id, item.relative, url, data, root=str(root))
+        url = entry_url(source, entry, settings.url_template)
+        root = "" if source.local_root is None else str(source.local_root)  # no includes read without one
+        return Candidate(record, is_new=known is None), ParseJob(doc_id, entry.relative, url, data, root=root)
+
+    def _unchanged(
+        self, known: DocumentRecord, entry: Entry, settings: SourceSettings, source: Source, report: IngestReport,
+        touched: bool = False,
+    ) -> None:
+        """Settle a file whose content is indexed already: save its new stamp, or where it is now when its source
+        moved (its chunks and vectors are kept), and its source's access."""
+        if (known.source, known.root) != (entry.location, source.root):
+            self._relocate(known, entry, source)
+        elif touched:
+            self.store.touch_document(known.doc_id, entry.size, entry.version)
+        self._sync_access(known, settings, report)
+        report.unchanged += 1
+
+    def _relocate(self, known: DocumentRecord, entry: Entry, source: Source) -> None:
+        """Rewrite a manifest row with the file's new place, keeping its chunks and vectors (no embedding)."""
+        exported = self.store.export_document(known.doc_id)
+        if exported is None:
+            return
+        record, chunks, vectors = exported
+        record.source, record.root, record.size, record.mtime_ns = entry.location, source.root, entry.size, entry.version
+        self.store.upsert_document(record, chunks, vectors)
+        known.source, known.root = entry.location, source.root
 
     def _sync_access(self, known: DocumentRecord, source: SourceSettings, report: IngestReport) -> None:
         """Give an unchanged file its source's tenant and groups when they changed: access is no part
@@ -316,17 +357,6 @@ class Indexer:
         if known.tenant != source.tenant or set(known.groups) != set(source.groups):
             self.store.set_access(known.doc_id, source.tenant, source.groups)
             report.access_changed.append(known.source)
-
-    def _read(self, path: Path, size: int) -> bytes:
-        limit = int(self.settings.max_file_mb * 1024 * 1024)
-        if size > limit:
-            raise LoadError(f"file is {size / 1048576:.1f} MB, over the {self.settings.max_file_mb:g} MB limit (ingest.max_file_mb)")
-        if size == 0:
-            raise LoadError("empty file")
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise LoadError(f"cannot read: {exc.strerror}") from exc
 
     def _accept(self, candidate: Candidate, result: ParseResult, report: IngestReport) -> None:
         """Queue a parsed file for embedding (or record why it failed); embed when the group is full."""
@@ -378,6 +408,45 @@ class Indexer:
         self.store.upsert_document(candidate.record, candidate.chunks, vectors)
         (report.new if candidate.is_new else report.changed).append(candidate.record.source)
         report.chunks += len(candidate.chunks)
+
+
+def dependencies_changed(known: DocumentRecord, source: Source) -> bool:
+    """Whether a file a page included (or its notebook twin) changed, appeared or went since it was indexed; a page
+    with such files, now in a source without a local root, is parsed again (its includes become notes)."""
+    if not known.dependencies:
+        return False
+    if source.local_root is None:
+        return True
+    return any(file_stamp(source.local_root / path) != stamp for path, stamp in known.dependencies.items())
+
+
+def belongs(record: DocumentRecord, source: Source) -> bool:
+    """Whether a manifest row is a file of the part of `source` being synced (so it is deleted when the file is
+    gone): it lies under the source, or lay under another root with the same label (the source moved)."""
+    if source.holds(record.source):
+        return True
+    if record.root == source.root:
+        return False
+    relative = relative_in(record.source, record.root)
+    inside = not source.within or is_under(relative, source.within, "/")
+    return inside and document_id(source.label, relative) == record.doc_id
+
+
+def refuse_takeover(planned: list[Planned], manifest: dict[str, DocumentRecord]) -> None:
+    """Refuse a source whose label the index holds from another folder that is still there: two folders of one
+    name (projects' `docs`) are two sources, and syncing one must not delete the other's documents. A folder
+    that is gone was moved (its documents follow it); an object-store root cannot be checked and is followed."""
+    roots = {record.root: record for record in manifest.values()}
+    for _, source, _ in planned:
+        for root, record in roots.items():
+            same_label = document_id(source.label, relative_in(record.source, root)) == record.doc_id
+            if root == source.root or not same_label or "://" in root or not os.path.lexists(root):
+                continue
+            raise IngestError(
+                f"the index holds a source called {source.label!r} from {root}, which is still there: give this "
+                f"one another name (--name, or `name:` in ingest.sources); if {source.root} replaces it, delete "
+                "the old folder first, or rebuild with --full"
+            )
 
 
 def embedder_down(exc: EmbedderUnavailable) -> IngestError:

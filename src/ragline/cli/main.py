@@ -25,9 +25,11 @@ from ragline.cli.eval import eval_cli
 from ragline.cli.keys import keys_cli
 from ragline.cli.store import store_cli
 from ragline.cli.tune import tune_command
-from ragline.config import ConfigError, Settings, SourceSettings
+from ragline.cli.watch import watch_command
+from ragline.config import ConfigError, Settings
 from ragline.embed.base import EmbedderError
 from ragline.generate.base import LLMError
+from ragline.ingest.sources import explicit_source
 from ragline.pipeline import IngestError, IngestReport
 from ragline.registry import UnknownComponentError
 from ragline.retrieve.retriever import Retrieval, RetrievalError
@@ -90,19 +92,6 @@ def _print_report(report: IngestReport) -> None:
         out.print(f"[dim]note[/dim] {escape(path)}: {escape(note)}")
 
 
-def _explicit_source(path: Path, url_template: str | None, configured: list[SourceSettings]) -> SourceSettings:
-    """A PATH argument as a source: inside a configured source it keeps that source's tenant and groups, so
-    re-indexing a folder by hand never changes who may read it."""
-    resolved = path.expanduser().resolve()
-    holders = [
-        source for source in configured
-        if resolved == (root := source.path.expanduser().resolve()) or root in resolved.parents
-    ]
-    owner = max(holders, key=lambda source: len(source.path.expanduser().resolve().parts), default=None)
-    access = {"tenant": owner.tenant, "groups": owner.groups} if owner else {}
-    return SourceSettings(path=path, url_template=url_template, **access)
-
-
 ENGINE_OPTION = typer.Option("--engine", help="local or ray (default: engine)")
 ADDRESS_OPTION = typer.Option(
     "--address", help="with --engine ray: auto, ray://HOST:PORT, HOST:PORT or local (default: ray.address)"
@@ -119,9 +108,16 @@ def _with_engine(settings: Settings, engine: str | None, address: str | None) ->
 
 @cli.command()
 def ingest(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="folders or files (default: ingest.sources)")] = None,
+    paths: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="folders, files or object-store URLs (s3://bucket/prefix) (default: ingest.sources)"),
+    ] = None,
     url_template: Annotated[
         Optional[str], typer.Option(help="public URL of each file, e.g. https://docs.example.org/{path}.html")
+    ] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="with one PATH: the source's name, part of its documents' identity (default: its folder's)"),
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="drop the index and rebuild it")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit non-zero when any file failed")] = False,
@@ -141,7 +137,13 @@ def ingest(
     With --engine ray, files are parsed and embedded on a Ray cluster (ray.* settings) and written from here.
     """
     settings = _with_engine(State.settings(), engine, address)
-    explicit = [_explicit_source(p, url_template, settings.ingest.sources) for p in paths or []]
+    explicit = [explicit_source(p, url_template, settings.ingest.sources) for p in paths or []]
+    if name is not None:
+        if len(explicit) != 1:
+            raise typer.BadParameter("--name names one source: give exactly one PATH with it", param_hint="--name")
+        if not name.strip():
+            raise typer.BadParameter("a source's name may not be empty", param_hint="--name")
+        explicit = [explicit[0].model_copy(update={"name": name})]
     sources = explicit or settings.ingest.sources
     if not sources:
         raise ConfigError("nothing to ingest: give PATH arguments or set ingest.sources in the config")
@@ -372,17 +374,28 @@ def serve(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="listen beyond loopback with authentication off (anyone may read all)")
     ] = False,
+    engine: Annotated[
+        Optional[str], typer.Option("--engine", help="local: this machine's processes; ray: Ray Serve deployments "
+                                    "(ray.serve.*) (default: engine)")
+    ] = None,
+    address: Annotated[Optional[str], ADDRESS_OPTION] = None,
 ) -> None:
     """Serve the HTTP API under /v1 (search, query, chat, OpenAI-compatible chat completions, documents, jobs,
-    feedback) with /healthz, /readyz and /metrics; OpenAPI docs at /docs."""
+    feedback) with /healthz, /readyz and /metrics; OpenAPI docs at /docs.
+
+    With --engine ray, the embedding model, the reranker, the LLM and the API run as Ray Serve deployments
+    scaled by ray.serve.*, on a local Ray runtime or the cluster at --address, until Ctrl-C or SIGTERM."""
     try:
         import uvicorn
 
         from ragline.serve.api import create_app
     except ImportError as exc:
         raise ConfigError("the API needs the serve extra: pip install 'ragline[serve]'") from exc
-    settings = State.settings()
-    bind = host or settings.serve.host
+    configured = State.settings()
+    on_ray = _with_engine(configured, engine, address).engine == "ray"
+    # --engine picks how the API is served; the ingest jobs it runs keep the configured engine
+    settings = _with_engine(configured, configured.engine, address)
+    bind = host or (settings.ray.serve.http_host if on_ray else None) or settings.serve.host
     if not settings.serve.auth.enabled and not is_loopback(bind) and not insecure:
         raise ConfigError(
             f"refusing to listen on {bind} with authentication off: anyone who reaches the port could read every "
@@ -390,7 +403,10 @@ def serve(
             "or pass --insecure"
         )
     count = workers or settings.serve.workers
-    port = port or settings.serve.port
+    port = port or (settings.ray.serve.http_port if on_ray else None) or settings.serve.port
+    if on_ray:
+        _serve_on_ray(settings, bind, port)
+        return
     if settings.embedder.threads is None:  # a server encodes many small requests at once: one thread each
         os.environ["RAGLINE_EMBEDDER__THREADS"] = "1"
         settings = settings.model_copy(update={"embedder": settings.embedder.model_copy(update={"threads": 1})})
@@ -408,6 +424,23 @@ def serve(
         "ragline.serve.api:create_app_from_env", factory=True, host=bind, port=port, workers=count, log_config=None,
         access_log=False,
     )
+
+
+def _serve_on_ray(settings: Settings, bind: str, port: int) -> None:
+    """`serve --engine ray`: deploy on Ray Serve and block until Ctrl-C or SIGTERM."""
+    try:
+        from ragline.cluster.serve import ServeError, run_until_stopped
+    except ImportError as exc:
+        raise ConfigError("serve --engine ray needs Ray Serve: pip install 'ragline[ray]'") from exc
+
+    def announce(deployed) -> None:
+        err.print(f"serving on Ray Serve: the API at [cyan]{deployed.url}[/cyan] "
+                  f"({', '.join(deployed.apps)}); Ctrl-C stops")
+
+    try:
+        run_until_stopped(settings, bind, port, announce)
+    except ServeError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def is_loopback(host: str) -> bool:
@@ -439,6 +472,7 @@ def config_show(
 
 
 cli.command("tune")(tune_command)
+cli.command("watch")(watch_command)
 
 
 def run(argv: list[str] | None = None) -> int:

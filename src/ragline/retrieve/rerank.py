@@ -15,7 +15,6 @@ import logging
 import math
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,11 +22,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import httpx
-from tenacity import RetryError, Retrying, stop_after_delay
-
 from ragline.config import RerankSettings
-from ragline.httpretry import TransientError, check_response, retry_policy
+from ragline.modelclient import CallPolicy, DeadlineExceeded, GaveUp, ModelCallError, ModelClient, Rejected, shared_client
 from ragline.retrieve.chat import ChatModel, ask, find_json
 from ragline.types import Hit
 
@@ -148,10 +144,16 @@ class CrossEncoderReranker:
     def rerank(self, query: str, hits: Sequence[Hit]) -> list[Hit]:
         if not hits:
             return []
-        pairs = [(query, hit.chunk.embed_text) for hit in hits]
+        return by_score(hits, self.scores(query, [hit.chunk.embed_text for hit in hits]))
+
+    def scores(self, query: str, texts: Sequence[str]) -> list[float]:
+        """The model's score of each text against the query, in input order (what a `/rerank` server returns)."""
+        if not texts:
+            return []
+        pairs = [(query, text) for text in texts]
         with self._lock:
             scores = self._load().predict(pairs, batch_size=self.batch_size, show_progress_bar=False)
-        return by_score(hits, scores.tolist())
+        return [float(score) for score in scores.tolist()]
 
 
 # --- a served cross-encoder (TEI, Infinity, vLLM, llama.cpp server, Cohere/Jina-style APIs) ---------------------
@@ -194,7 +196,7 @@ class HTTPReranker:
     """`POST {base_url}/rerank` with `{"query", "texts", "truncate": true}`, as Text Embeddings Inference serves it.
 
     429, 5xx, timeouts and dropped connections are retried with backoff; the
-    whole call, retries included, ends by `timeout_s`.
+    whole call, retries included, ends by `timeout_s` (the model client's deadline).
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class HTTPReranker:
         timeout_s: float = 10.0,
         max_tries: int = 3,
         backoff_initial_s: float = 0.25,
+        client: ModelClient | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise RerankError(f"retrieve.rerank.base_url must start with http:// or https://, not {base_url!r}")
@@ -215,8 +218,12 @@ class HTTPReranker:
         self.timeout_s = timeout_s
         self.max_tries = max_tries
         self._backoff_initial_s = backoff_initial_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = client or shared_client()
+        self._policy = CallPolicy(
+            tries=max_tries, backoff_initial_s=backoff_initial_s, backoff_max_s=timeout_s,
+            read_timeout_s=timeout_s, deadline_s=timeout_s,
+        )
 
     @classmethod
     def from_settings(
@@ -228,7 +235,7 @@ class HTTPReranker:
         return cls(settings.base_url, model=settings.model, api_key=api_key, timeout_s=settings.timeout_s)
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing of its own to close: the connections are the model client's pool."""
 
     def rerank(self, query: str, hits: Sequence[Hit]) -> list[Hit]:
         if not hits:
@@ -239,45 +246,25 @@ class HTTPReranker:
         return by_score(hits, self._scores(body, len(hits)))
 
     def _scores(self, body: dict[str, Any], count: int) -> list[float]:
-        deadline = time.monotonic() + self.timeout_s
-        failures: list[TransientError] = []
-
-        def attempt() -> list[float]:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and failures:
-                raise RerankError(
-                    f"reranker at {self.url} gave no answer within {self.timeout_s:g}s "
-                    f"(retrieve.rerank.timeout_s); last try: {failures[-1]}"
-                )
-            try:
-                return self._post(body, count, max(remaining, 0.001))
-            except TransientError as exc:
-                failures.append(exc)
-                raise
-
-        policy = retry_policy(self.max_tries, initial_wait=self._backoff_initial_s, max_wait=self.timeout_s)
-        backoff = policy["wait"]
-        policy["wait"] = lambda state: min(backoff(state), max(0.0, deadline - time.monotonic()))
-        policy["stop"] = policy["stop"] | stop_after_delay(self.timeout_s)
         try:
-            return Retrying(**policy)(attempt)
-        except RetryError as exc:
-            tries = exc.last_attempt.attempt_number
+            response = self._client.post(self.url, body, headers=self._headers, policy=self._policy)
+        except DeadlineExceeded as exc:
+            which = "the request's deadline for model calls" if exc.imposed else "retrieve.rerank.timeout_s"
             raise RerankError(
-                f"reranker at {self.url} failed after {tries} {'try' if tries == 1 else 'tries'} "
-                f"(timeout_s={self.timeout_s:g}, max_tries={self.max_tries}): {exc.last_attempt.exception()}"
+                f"reranker at {self.url} gave no answer within {exc.seconds:.3g}s ({which}); last try: {exc.last}"
             ) from exc
-
-    def _post(self, body: dict[str, Any], count: int, timeout_s: float) -> list[float]:
-        try:
-            response = self._client.post(
-                self.url, json=body, timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
-            )
-        except httpx.TransportError as exc:
-            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
-        if reason := check_response(response):
-            hint = _HINTS.get(response.status_code)
-            raise RerankError(f"reranker at {self.url} rejected the request: {reason}" + (f" ({hint})" if hint else ""))
+        except GaveUp as exc:
+            raise RerankError(
+                f"reranker at {self.url} failed after {exc.tries} {'try' if exc.tries == 1 else 'tries'} "
+                f"(timeout_s={self.timeout_s:g}, max_tries={self.max_tries}): {exc.last}"
+            ) from exc
+        except Rejected as exc:
+            hint = _HINTS.get(exc.status_code)
+            raise RerankError(
+                f"reranker at {self.url} rejected the request: {exc.reason}" + (f" ({hint})" if hint else "")
+            ) from exc
+        except ModelCallError as exc:
+            raise RerankError(f"reranker at {self.url} failed: {exc.reason}") from exc
         try:
             return parse_rerank_scores(response.json(), count)
         except ValueError as exc:

@@ -76,6 +76,8 @@ NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 PING_TIMEOUT_S = 2.0
 UPLOAD_SLACK = 1 << 20
+PRUNE_EVERY_S = 3600.0
+"""How often a server deletes finished jobs and answers past their retention."""
 """Bytes a multipart upload may carry beyond the file itself (boundaries, form fields)."""
 ERRORS = {status: {"model": ErrorOut} for status in (401, 403, 404, 413, 422, 429, 503)}
 
@@ -255,6 +257,7 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
     configure_tracing(serve.telemetry)  # here, in each worker process: exporter threads do not survive a fork
     migrated = service.migrated
     migration_error = ""
+    background: list[asyncio.Task[None]] = []
 
     async def migrate_until_done() -> None:
         """Bring the service database up to date, retrying while it is down (/readyz says so meanwhile)."""
@@ -269,7 +272,19 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
                 continue
             migrated.set()
             service.runner.start()
+            background.append(asyncio.create_task(prune_forever(), name="ragline-retention"))
             return
+
+    async def prune_forever() -> None:
+        """Delete finished jobs and recorded answers past their retention (serve.*_retention_days), hourly."""
+        while True:
+            try:
+                pruned = await service.db.prune(serve.job_retention_days, serve.answer_retention_days)
+                if any(pruned.values()):
+                    log.info("deleted what was past its retention: %s", pruned)
+            except Exception:  # the database is down: /readyz says so; the next round tries again
+                log.warning("could not delete expired jobs and answers", exc_info=True)
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -280,6 +295,8 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
         finally:
             loading.cancel()
             migrating.cancel()
+            for task in background:
+                task.cancel()
             await service.runner.stop()
             for close in (service.cache.close, service.limiter.close, service.db.close):
                 try:
@@ -355,7 +372,9 @@ def create_app(settings: Settings, components: Ragline | None = None) -> FastAPI
         if request.filters:
             fields = await to_thread.run_sync(ragline.store.filter_fields)
             check_filters(request.filters, fields)
-        return retrieve_options(settings.retrieve, request.options) if request.options else None
+        if not request.options:
+            return None
+        return retrieve_options(settings.retrieve, request.options, caller_may_set_servers=False)
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:

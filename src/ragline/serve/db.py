@@ -466,6 +466,16 @@ class JobRepository(_Repository):
             return row.record() if row else None
 
 
+    async def prune(self, before: datetime) -> int:
+        """Delete the finished jobs last changed before `before` (queued and running ones stay); how many."""
+        async with self._writes() as session, session.begin():
+            result = await session.execute(
+                delete(JobRow).where(JobRow.active.is_(None), JobRow.updated_at < before)
+                .execution_options(synchronize_session=False)
+            )
+        return result.rowcount  # type: ignore[attr-defined]
+
+
 class ChatRepository(_Repository):
     """Chat sessions belong to one subject of one tenant; their messages are read through the session."""
 
@@ -571,6 +581,16 @@ class AnswerRepository(_Repository):
             return [row.record() for row in await session.scalars(query)]
 
 
+    async def prune(self, before: datetime) -> int:
+        """Delete the answers recorded before `before`, their feedback with them (chat messages keep their text
+        and lose the link); how many."""
+        async with self._writes() as session, session.begin():
+            result = await session.execute(
+                delete(AnswerRow).where(AnswerRow.created_at < before).execution_options(synchronize_session=False)
+            )
+        return result.rowcount  # type: ignore[attr-defined]
+
+
 # --- the database ----------------------------------------------------------------------------------------------
 
 
@@ -671,6 +691,17 @@ class Database:
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    async def prune(self, job_retention_days: float | None, answer_retention_days: float | None) -> dict[str, int]:
+        """Delete what is past its retention (None: kept forever): finished jobs, recorded answers with their
+        feedback; how many of each."""
+        now = utcnow()
+        pruned = {}
+        if job_retention_days is not None:
+            pruned["jobs"] = await self.jobs.prune(now - timedelta(days=job_retention_days))
+        if answer_retention_days is not None:
+            pruned["answers"] = await self.answers.prune(now - timedelta(days=answer_retention_days))
+        return pruned
 
     async def ping(self) -> None:
         """Raise DatabaseError unless the database answers within PING_TIMEOUT_S (readiness)."""

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
@@ -126,9 +126,21 @@ async def store_upload(
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
-    return StoredUpload(
-        relative=target.relative_to(data_dir).as_posix(), path=target, sha256=sha, filename=name,
-        doc_id=document_id(target.resolve()),
+    relative = target.relative_to(data_dir).as_posix()
+    return StoredUpload(relative=relative, path=target, sha256=sha, filename=name, doc_id=upload_document_id(relative))
+
+
+def upload_document_id(relative: str) -> str:
+    """An upload's document id: its source is named by its path under the data folder (its tenant, content and
+    groups: unique per upload, and the same on every machine that shares the data folder)."""
+    return document_id(relative, PurePosixPath(relative).name)
+
+
+def upload_source(data_dir: Path, relative: str, tenant: str, groups: list[str]) -> SourceSettings:
+    """The source an upload is indexed as: the one file, named by its path under the data folder."""
+    return SourceSettings(
+        path=(data_dir / relative).resolve(), name=relative, tenant=tenant, groups=groups,
+        url_template=f"/v1/documents/{upload_document_id(relative)}",
     )
 
 
@@ -244,13 +256,10 @@ class JobRunner:
 
     def _source(self, job: Job) -> tuple[SourceSettings, str | None]:
         if job.kind == "upload":
-            path = (self.settings.data_dir / job.source).resolve()
-            if not path.is_file():
+            source = upload_source(self.settings.data_dir, job.source, job.tenant, list(job.groups))
+            if not source.local_path.is_file():
                 raise FileNotFoundError("the uploaded file is gone (deleted while the job waited); upload it again")
-            doc_id = document_id(path)
-            return SourceSettings(
-                path=path, tenant=job.tenant, groups=list(job.groups), url_template=f"/v1/documents/{doc_id}"
-            ), doc_id
+            return source, upload_document_id(job.source)
         for source in self.settings.ingest.sources:
             if source.label == job.source and source.tenant == job.tenant:
                 return source, None
