@@ -1,13 +1,16 @@
 """`serve --engine ray` against a real Ray runtime on 127.0.0.1: the embedding deployment's vectors, dynamic
-batching, the ingress's search, a replica killed mid-traffic, and a stalled model cut by the request deadline.
+batching, the ingress's search, answers from the LLM deployment, a replica killed mid-traffic, and a stalled
+model cut by the request deadline.
 
 One Ray runtime (2 CPUs) and one Serve instance serve the whole module: an index of the fixture docs, the
-embedding deployment (2 replicas) and the API; the tests run in file order, the replica kill last but one.
+embedding deployment (2 replicas), the reranker, the LLM (llama.cpp with the small SmolLM2 the local-model tests
+use) and the API; the tests run in file order, the replica kill last but one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -21,12 +24,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from scripted_llm_server import free_port, wait_until_ready
+from test_generate_local import llama_cpp_problem
 from test_rerank import train_tiny_cross_encoder
 
 from ragline.app import Ragline
 from ragline.cluster.ray_ingest import keep_ray_sockets_short
 from ragline.config import Settings, SourceSettings
 from ragline.embed.openai_compat import OpenAIEmbedder
+from ragline.generate.local import SMOLLM2
 from ragline.modelclient import CallPolicy, ModelClient
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -54,10 +59,13 @@ QUERIES = [
 GUARD_S = 180.0  # hang guards only: far beyond what any step takes, never a speed check
 
 
+LLM = {"backend": "llama-cpp", "model": SMOLLM2, "n_ctx": 1024, "generation_timeout_s": 120}
+
+
 def settings_for(index: Path, port: int, reranker: Path) -> Settings:
     return Settings(
         data_dir=index,
-        generate={"llm": {"backend": "extractive"}},
+        generate={"llm": LLM, "max_answer_tokens": 48},
         retrieve={"rerank": {"backend": "cross-encoder", "model": str(reranker), "candidates": 10,
                             "max_length": 128}},
         serve={"rate_limits": {"enabled": False}, "cache": {"enabled": False}},
@@ -66,6 +74,7 @@ def settings_for(index: Path, port: int, reranker: Path) -> Settings:
             "embedder": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.25, "max_batch_size": 16,
                          "batch_wait_timeout_s": 0.05},
             "reranker": {"num_cpus": 0.25},
+            "llm": {"num_cpus": 0.5},
             "api": {"num_cpus": 0.25, "model_deadline_s": 15.0},
         }},
     )
@@ -73,8 +82,10 @@ def settings_for(index: Path, port: int, reranker: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, embedder):
-    """The fixture docs indexed locally, then Ray (2 CPUs) with the embedder, reranker (a tiny cross-encoder)
-    and API deployments on them."""
+    """The fixture docs indexed locally, then Ray (2 CPUs) with the embedder, reranker (a tiny cross-encoder),
+    LLM and API deployments on them."""
+    if problem := llama_cpp_problem():
+        pytest.fail(f"the LLM deployment needs llama.cpp: {problem}", pytrace=False)
     root = tmp_path_factory.mktemp("ray-serve")
     shutil.copytree(FIXTURES, root / "docs")
     train_tiny_cross_encoder(root / "reranker")
@@ -152,6 +163,8 @@ def test_the_ingress_finds_what_a_local_server_finds(served, embedder):
     """Search and rerank through the deployments equal a local server's, which embeds and reranks in-process."""
     settings, deployed, client = served
     assert deployed.api_settings.retrieve.rerank.backend == "http"
+    settings = settings.model_copy(update={"generate": settings.generate.model_copy(
+        update={"llm": settings.generate.llm.model_copy(update={"backend": "extractive"})})})
     local = Ragline(settings)
     local.__dict__["embedder"] = embedder
     from ragline.serve.api import create_app
@@ -167,6 +180,31 @@ def test_the_ingress_finds_what_a_local_server_finds(served, embedder):
             assert [hit["chunk_id"] for hit in hits] == [hit["chunk_id"] for hit in expected]
             assert np.allclose([hit["score"] for hit in hits], [hit["score"] for hit in expected], atol=1e-4)
             assert "rerank_ms" in on_ray.json()["timings"] and not on_ray.json()["notes"]
+
+
+def test_answers_are_written_by_the_llm_deployment(served):
+    """The ingress's answers come from the llama.cpp replica (its model, streamed tokens), with the usual
+    citations check; the replica's own route wants the deployments' key."""
+    _, deployed, client = served
+    assert deployed.api_settings.generate.llm.backend == "openai"
+    assert deployed.api_settings.generate.llm.base_url.startswith(deployed.model_url)
+    response = client.post("/v1/query", json={"query": QUERIES[0], "k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == SMOLLM2 and body["answer"].strip() and body["hits"]
+    assert body["usage"]["completion_tokens"] > 0
+    with client.stream("POST", "/v1/query/stream", json={"query": QUERIES[1], "k": 3},
+                       headers={"accept": "application/x-ndjson"}) as stream:
+        events = [json.loads(line) for line in stream.iter_lines() if line.strip()]
+    kinds = [event["type"] for event in events]
+    assert "token" in kinds and kinds[-1] == "answer", kinds
+    assert events[-1]["model"] == SMOLLM2 and events[-1]["answer"].strip()
+    chat = {"model": SMOLLM2, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
+    refused = httpx.post(f"{deployed.model_url}/llm/v1/chat/completions", json=chat, timeout=GUARD_S)
+    assert refused.status_code == 401
+    direct = httpx.post(f"{deployed.model_url}/llm/v1/chat/completions", json=chat,
+                        headers=deployed.model_headers(), timeout=GUARD_S)
+    assert direct.status_code == 200 and direct.json()["choices"][0]["message"]["content"] is not None
 
 
 def embedder_replicas() -> list[str]:
