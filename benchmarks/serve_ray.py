@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -74,7 +75,8 @@ def main() -> None:
 
         search = lambda i: ("/v1/search", {"query": f"{questions[i % len(questions)]}", "k": 5})  # noqa: E731
         rows["search, local ragline serve (baseline)"] = local_search(work, search, args)
-        rows.update(on_ray(settings, search, questions, args))
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages (its shutdown's) stay off the JSON
+            rows.update(on_ray(settings, search, questions, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"pages": args.pages or "all", "clients": args.clients, "duration_s": args.duration,
