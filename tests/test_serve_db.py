@@ -255,6 +255,22 @@ def test_claim_takes_the_oldest_queued_job_first(service_database_url):
     with_database(service_database_url, scenario)
 
 
+def test_path_jobs_are_claimed_only_by_a_claimer_that_holds_the_path(service_database_url):
+    """A watcher's unconfigured folder ("path" job) is never taken by a server, which could not index it."""
+    async def scenario(database: Database) -> None:
+        path_job, _ = await database.jobs.submit("acme", "path", "notes", "path:notes", ["*"])
+        upload, _ = await database.jobs.submit("acme", "upload", "a", "sha:a", ["*"])
+        assert (await database.jobs.claim(60)).id == upload.id  # the older path job is passed over
+        assert await database.jobs.claim(60) is None
+        assert await database.jobs.claim(60, [("globex", "notes"), ("acme", "other")]) is None
+        held = await database.jobs.claim(0, [("acme", "notes")])
+        assert held.id == path_job.id and held.status == "running"
+        assert await database.jobs.claim(60) is None  # its lease ran out, still not a server's to take
+        assert (await database.jobs.claim(60, [("acme", "notes")])).attempts == 2
+
+    with_database(service_database_url, scenario)
+
+
 def test_an_expired_lease_is_claimed_again_and_heartbeats_keep_it(service_database_url):
     async def scenario(database: Database) -> None:
         job, _ = await database.jobs.submit("acme", "upload", "a", "sha:a", ["*"])

@@ -164,6 +164,34 @@ def test_start_catches_up_and_a_burst_of_writes_is_one_job(tmp_path):
     asyncio.run(scenario())
 
 
+def test_an_unconfigured_folder_gets_path_jobs_that_only_its_holder_claims(tmp_path):
+    """A folder no config lists becomes a "path" job: a server's runner (it holds no paths) leaves it queued, the
+    watcher's own runner (it holds the folder) takes it; a configured source's job stays a "source" job."""
+    docs, notes = tmp_path / "docs", tmp_path / "notes"
+    docs.mkdir()
+    notes.mkdir()
+    settings = settings_for(tmp_path, [{"path": str(docs)}])
+    unconfigured = SourceSettings(path=notes)
+
+    async def scenario() -> None:
+        async with Harness(settings, [*settings.ingest.sources, unconfigured]) as harness:
+            jobs = await until(lambda: _jobs_at_least(harness, 2), "both catch-up jobs")
+            kinds = {job.source: (job.kind, job.content_key) for job in jobs}
+            assert kinds == {"docs": ("source", "source:docs"), "notes": ("path", "path:notes")}
+            server_claims = await harness.db.jobs.claim(60)
+            assert server_claims is not None and server_claims.source == "docs"
+            assert await harness.db.jobs.claim(60) is None  # the path job is not a server's to take
+            held = await harness.db.jobs.claim(60, [("default", "notes")])
+            assert held is not None and (held.kind, held.source) == ("path", "notes")
+
+    asyncio.run(scenario())
+
+
+async def _jobs_at_least(harness: Harness, n: int) -> list[Job] | None:
+    jobs = await harness.jobs()
+    return jobs if len(jobs) >= n else None
+
+
 async def _count(harness: Harness, n: int) -> bool:
     jobs = await harness.jobs()
     return len(jobs) >= n and all(job.status == "succeeded" for job in jobs)
@@ -434,7 +462,7 @@ def test_watch_indexes_new_files_takes_a_burst_as_few_jobs_and_drops_deleted_fil
         assert indexed(data) == {"intro.md"}
         (docs / "lighthouse.md").write_text("# Lighthouse\n\nThe lighthouse keeper polishes the brass lamp at dusk.\n")
         jobs = wait_for(lambda: all_done(folder_config, 2), "the new file's job", [watch])
-        assert jobs[0].report["new"] == 1 and jobs[0].content_key == "source:docs"
+        assert jobs[0].report["new"] == 1 and (jobs[0].kind, jobs[0].content_key) == ("path", "path:docs")
         assert "lighthouse.md" in search_sources(data, embedder, "who polishes the brass lamp?")[0]
 
         for n in range(30):  # a burst: 30 writes over 10 files

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from anyio import to_thread
 
 from ragline import registry
-from ragline.config import RerankSettings, RetrieveSettings, Settings
+from ragline.config import RerankSettings, RetrieveSettings, Settings, SourceSettings
 from ragline.embed.base import Embedder
 from ragline.embed.batching import BatchingEmbedder
 from ragline.generate.answerer import Answerer
@@ -133,9 +133,13 @@ class Ragline:
 
     @cached_property
     def job_runner(self) -> JobRunner:
+        return self.job_runner_with_paths(())
+
+    def job_runner_with_paths(self, paths: Sequence[SourceSettings]) -> JobRunner:
+        """A job runner that also runs the jobs of `paths`: folders a watcher was given that no config lists."""
         from ragline.serve.jobs import JobRunner
 
-        return JobRunner(self, self.database, self.metrics)
+        return JobRunner(self, self.database, self.metrics, paths)
 
     def indexer(self, progress: Progress | None = None, wait_s: float | None = None) -> Indexer:
         """The indexer of this index, run by the configured `engine` (here, or on a Ray cluster); `wait_s`

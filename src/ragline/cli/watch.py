@@ -25,7 +25,8 @@ THREAD_JOIN_S = 5.0
 def _resolve_sources(
     settings: Settings, paths: list[str], names: list[str], submit_only: bool
 ) -> tuple[list[SourceSettings], list[SourceSettings]]:
-    """The sources to watch, and those of them that are not configured (indexed by this process's runner only).
+    """The sources to watch, and those of them that are not configured (their "path" jobs are run by this
+    process's runner only).
 
     A PATH (or URL) that is a configured source, or lies inside one, watches that source; another one becomes a
     source of its own, as with `ragline ingest PATH`.
@@ -118,13 +119,11 @@ def watch_command(
         settings = settings.model_copy(update={"watch": settings.watch.model_copy(update=changes)})
     sources, extra = _resolve_sources(settings, paths or [], source or [], submit_only)
     if extra:
-        ingest = settings.ingest.model_copy(update={"sources": [*settings.ingest.sources, *extra]})
-        settings = settings.model_copy(update={"ingest": ingest})
         names = ", ".join(item.label for item in extra)
         err.print(f"[yellow]not in ingest.sources:[/yellow] {escape(names)}: indexed by this process only "
-                  "(a server on the same database would fail their jobs; add them to the config to share them)")
+                  "(servers on the same database leave their jobs to it; add them to the config to share them)")
     app = Ragline(settings)
-    runner = None if submit_only else app.job_runner
+    runner = None if submit_only else app.job_runner_with_paths(extra)
 
     async def main() -> None:
         stop = asyncio.Event()

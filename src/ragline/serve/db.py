@@ -15,7 +15,7 @@ import hmac
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,7 +43,9 @@ SUBMIT_TRIES = 3
 _WRITE = "ragline_write"
 """Execution option of the writing engine: on SQLite its transactions start with BEGIN IMMEDIATE."""
 
-JobKind = Literal["upload", "source"]
+JobKind = Literal["upload", "source", "path"]
+"""upload: a file sent to the API; source: a source of ingest.sources; path: a folder or URL a watcher was given
+that no config lists, claimed only by a runner that holds it (`JobRepository.claim(paths=...)`)."""
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 FINAL_STATUSES = ("succeeded", "failed")
 MessageRole = Literal["user", "assistant"]
@@ -413,14 +415,19 @@ class JobRepository(_Repository):
             row = await session.scalar(query)
         return row.record() if row else None
 
-    async def claim(self, lease_s: float) -> Job | None:
-        """Take the oldest queued job, or a running one whose lease ran out, in one atomic statement.
+    async def claim(self, lease_s: float, paths: Collection[tuple[str, str]] = ()) -> Job | None:
+        """Take the oldest queued job, or a running one whose lease ran out, in one atomic statement; "path"
+        jobs only of the (tenant, source) pairs in `paths`, the ones this claimer can run.
 
         PostgreSQL skips rows another claimer holds (`FOR UPDATE SKIP LOCKED`); SQLite runs it under
         its write lock (BEGIN IMMEDIATE), so two claimers never get the same job.
         """
         now = utcnow()
-        claimable = or_(JobRow.status == "queued", and_(JobRow.status == "running", JobRow.lease_until < now))
+        runnable = or_(JobRow.kind != "path",
+                       *[and_(JobRow.tenant == tenant, JobRow.source == source) for tenant, source in paths])
+        claimable = and_(
+            runnable, or_(JobRow.status == "queued", and_(JobRow.status == "running", JobRow.lease_until < now))
+        )
         oldest = (select(JobRow.id).where(claimable).order_by(JobRow.created_at, JobRow.id).limit(1)
                   .with_for_update(skip_locked=True).scalar_subquery())
         statement = (

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -171,12 +171,17 @@ def public_report(report: IngestReport) -> dict[str, Any]:
 
 
 class JobRunner:
-    """Claims queued (or abandoned) jobs from the database and indexes them, one at a time per process."""
+    """Claims queued (or abandoned) jobs from the database and indexes them, one at a time per process; "path"
+    jobs only of `paths`, the unconfigured folders a watcher in this process was given (no other runner knows
+    them)."""
 
-    def __init__(self, ragline: Ragline, db: Database, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, ragline: Ragline, db: Database, metrics: Metrics | None = None, paths: Sequence[SourceSettings] = ()
+    ) -> None:
         self.ragline = ragline
         self.db = db
         self.metrics = metrics
+        self.paths = {(source.tenant, source.label): source for source in paths}
         self.settings: Settings = ragline.settings
         self.lease_s = self.settings.serve.job_lease_s
         self._wake = asyncio.Event()
@@ -198,7 +203,7 @@ class JobRunner:
     async def _run_forever(self) -> None:
         while True:
             try:
-                job = await self.db.jobs.claim(self.lease_s)
+                job = await self.db.jobs.claim(self.lease_s, self.paths.keys())
             except Exception:  # the database is down: /readyz says so; try again later
                 log.warning("could not claim ingest jobs", exc_info=True)
                 job = None
@@ -244,7 +249,7 @@ class JobRunner:
                 log.warning("could not renew the lease of job %s", job.id, exc_info=True)
 
     def _index(self, job: Job) -> tuple[dict[str, Any], str | None]:
-        """Index the job's upload or configured source (a worker thread)."""
+        """Index the job's upload, configured source or watched path (a worker thread)."""
         source, doc_id = self._source(job)
         report = self.ragline.indexer(wait_s=INGEST_WAIT_S).run([source])
         if self.metrics is not None:
@@ -260,6 +265,10 @@ class JobRunner:
             if not source.local_path.is_file():
                 raise FileNotFoundError("the uploaded file is gone (deleted while the job waited); upload it again")
             return source, upload_document_id(job.source)
+        if job.kind == "path":
+            if (path := self.paths.get((job.tenant, job.source))) is None:  # claimed only when held: a bug
+                raise LookupError(f"this runner does not hold the watched path {job.source!r}")
+            return path, None
         for source in self.settings.ingest.sources:
             if source.label == job.source and source.tenant == job.tenant:
                 return source, None

@@ -31,7 +31,7 @@ from anyio import to_thread
 
 from ragline.config import Settings, SourceSettings
 from ragline.ingest.scan import first_match
-from ragline.serve.db import FINAL_STATUSES
+from ragline.serve.db import FINAL_STATUSES, JobKind
 
 if TYPE_CHECKING:
     from ragline.serve.db import Database, Job
@@ -129,6 +129,8 @@ class _Watched:
     source: SourceSettings
     url: str | None
     root: Path | None
+    kind: JobKind
+    """"source" when ingest.sources lists it (any runner can index it), else "path" (only this process's runner)."""
     due: float | None = None
     """When to submit its job (monotonic); None: nothing to submit."""
     first_change: float | None = None
@@ -182,12 +184,14 @@ class Watcher:
         self.say = say or log.info
         self.filter = PathFilter(settings)
         self.sources: list[_Watched] = []
+        configured = {(source.tenant, source.label) for source in settings.ingest.sources}
         for source in sources:
             url = source_url(source)
             root = None if url else source.local_path.expanduser().resolve()
             if root is not None and not root.exists():
                 raise WatchError(f"{source.path} does not exist; check the path of source {source.label!r}")
-            self.sources.append(_Watched(source, url, root))
+            kind: JobKind = "source" if (source.tenant, source.label) in configured else "path"
+            self.sources.append(_Watched(source, url, root, kind))
         self.submitted = 0
         """Jobs this watcher created (not those it found active already)."""
         self._wake = asyncio.Event()
@@ -270,7 +274,7 @@ class Watcher:
         try:
             async with asyncio.timeout(self.watch.timeout_s):
                 job, created = await self.db.jobs.submit(
-                    source.tenant, "source", source.label, f"source:{source.label}", source.groups
+                    source.tenant, watched.kind, source.label, f"{watched.kind}:{source.label}", source.groups
                 )
         except Exception as exc:
             reason = str(exc) or f"no answer within {self.watch.timeout_s:g} s"
