@@ -46,7 +46,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import yaml
+from common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RAGLINE = [sys.executable, "-m", "ragline"]
@@ -143,12 +143,6 @@ class Outcome:
             "errors": self.errors,
             "wrong": self.wrong,
         }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_config(path: Path, data_dir: Path, corpus: Path, redis_url: str, cache: bool) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from common import free_port
 
 from ragline.app import Ragline
 from ragline.config import Settings, SourceSettings
@@ -215,14 +216,6 @@ def copy_pages(target: Path, limit: int) -> Path:
         copied.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(page, copied)
     return target
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

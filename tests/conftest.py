@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from scripted_llm_server import free_port
 
 from ragline.config import EmbedderSettings
 
@@ -97,14 +98,6 @@ def redis_prefix():
             client.delete(*keys)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _postgres_tool(bin_path: Path, user: str | None):
     """Runs one of PostgreSQL's binaries in `bin_path`, as `user` when given.
 
@@ -163,7 +156,7 @@ def pgvector_url():
         os.chown(folder, owner.pw_uid, owner.pw_gid)
         user = "postgres"
     run = _postgres_tool(POSTGRES_BIN_PATH, user)
-    data, log_file, port = folder / "data", folder / "server.log", _free_port()
+    data, log_file, port = folder / "data", folder / "server.log", free_port()
     try:
         run("initdb", ["-D", str(data), "--auth=trust", "--encoding=UTF8", "--no-locale", "-U", "postgres"], 120)
         run("pg_ctl", ["-D", str(data), "-w", "-t", "60", "-l", str(log_file),

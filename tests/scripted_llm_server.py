@@ -74,7 +74,7 @@ def completion(text: str, usage: dict[str, Any] | None = None) -> dict[str, Any]
 
 
 def free_port() -> int:
-    """A port nothing listens on (for connection-refused tests)."""
+    """A free port on 127.0.0.1 for a server to listen on (or, left alone, for connection-refused tests)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

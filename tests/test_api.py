@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import httpx
 import pytest
 from conftest import build_index
 from fastapi.testclient import TestClient
-from scripted_llm_server import wait_until_ready
+from scripted_llm_server import free_port, wait_until_ready
 
 from ragline.app import Ragline
 from ragline.config import Settings
@@ -230,12 +229,6 @@ def test_an_unexpected_failure_is_a_generic_500_without_a_trace(indexed, embedde
             "code": "internal_error", "message": "the server failed on this request; its log has the details"
         }
         assert client.get("/nowhere").json()["code"] == "not_found"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

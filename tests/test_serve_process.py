@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from scripted_llm_server import free_port
 
 RAGLINE = [sys.executable, "-m", "ragline"]
 HTTP_TIMEOUT_S = 30.0  # a guard against a hung server on a loaded machine, far beyond a request's length
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ragline(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

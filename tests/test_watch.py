@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from scripted_llm_server import free_port
 
 from ragline.config import Settings, SourceSettings
 from ragline.serve.db import Database, Job
@@ -32,14 +33,6 @@ HANG_S = 60.0
 """Guards against a hung watcher: outcomes are polled for, never timed."""
 SLOW_HANG_S = 240.0
 """The same for real processes, which load the embedding model on a shared machine."""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def until(check: Callable[[], Awaitable[object]], what: str, hang_s: float = HANG_S) -> object:
